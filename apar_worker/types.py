@@ -1,0 +1,187 @@
+"""Public request/response types of the APAR engine.
+
+These are the contract between the engine, the cluster (which maps them to gRPC messages)
+and the CLI. They are plain dataclasses so they pickle across Ray actors.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+
+
+class AparError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(AparError, ValueError):
+    """The request is malformed (maps to gRPC INVALID_ARGUMENT, CLI exit code 2)."""
+
+
+class ModelLoadError(AparError):
+    """The model directory/name cannot be loaded (CLI exit code 2)."""
+
+
+class EngineOverloadedError(AparError):
+    """The engine cannot accept more work right now (maps to RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling. temperature == 0 means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = disabled
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+
+
+@dataclass
+class GenerateRequest:
+    """One generation request.
+
+    Exactly one of `prompt` (raw text, used as is), `prompt_token_ids`, or `messages`
+    (chat turns [{"role", "content"}], rendered with the tokenizer's chat template) is set.
+    `fork=False` decodes the same model sequentially: `[Fork]` is kept as plain text in the
+    context (so the model sees what it was trained on) but no child is made and it never
+    appears in the output.
+    """
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    fork: bool = True
+    max_depth: int = 2
+    max_branches: int = 32
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    stream: bool = False  # compute per-step text deltas (costs detokenisation per step)
+    deadline: float | None = None  # absolute time.monotonic() deadline
+    session_id: str | None = None  # only used by the cluster for affinity
+
+    def validate(self) -> None:
+        given = [x is not None for x in (self.prompt, self.prompt_token_ids, self.messages)]
+        if sum(given) != 1:
+            raise InvalidRequestError("exactly one of prompt, prompt_token_ids or messages must be set")
+        if self.prompt is not None and not self.prompt.strip():
+            raise InvalidRequestError("prompt must not be empty")
+        if self.prompt_token_ids is not None and len(self.prompt_token_ids) == 0:
+            raise InvalidRequestError("prompt_token_ids must not be empty")
+        if self.messages is not None:
+            if not self.messages:
+                raise InvalidRequestError("messages must not be empty")
+            for m in self.messages:
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise InvalidRequestError("each message needs 'role' and 'content'")
+            if not any(str(m["content"]).strip() for m in self.messages):
+                raise InvalidRequestError("messages must not all be empty")
+        if self.max_depth < 0:
+            raise InvalidRequestError(f"max_depth must be >= 0, got {self.max_depth}")
+        if self.max_branches < 1:
+            raise InvalidRequestError(f"max_branches must be >= 1, got {self.max_branches}")
+        if not self.request_id:
+            raise InvalidRequestError("request_id must not be empty")
+        self.sampling.validate()
+
+
+@dataclass
+class BranchInfo:
+    """Summary of one branch of a finished (or in-flight) request."""
+
+    id: int
+    parent: int | None  # None for the root branch
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason | None
+    fork_position: int | None = None  # index in the parent's output tokens where it forked
+
+
+@dataclass
+class BranchEvent:
+    """Streaming event: something happened to one branch during one engine step.
+
+    `new_token_ids` are the tokens sampled this step (control tokens included);
+    `delta_text` is filled only for `stream=True` requests. A branch's first event has
+    `created=True`.
+    """
+
+    request_id: str
+    branch_id: int
+    parent_id: int | None
+    new_token_ids: list[int]
+    delta_text: str = ""
+    created: bool = False
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class RequestOutput:
+    """Final result of a request: assembled text in reading order plus the branch tree."""
+
+    request_id: str
+    text: str
+    branches: list[BranchInfo]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    num_tokens: int  # generated tokens over all branches (sampled tokens, control tokens included)
+    steps: int  # engine steps this request took part in, from first scheduling to finish
+    cached_tokens: int  # prompt tokens served from the prefix cache
+    ttft_s: float | None = None
+    latency_s: float = 0.0
+    error: str | None = None
+    num_preemptions: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "branches": [
+                {
+                    "id": b.id,
+                    "parent": b.parent,
+                    "text": b.text,
+                    "num_tokens": b.num_tokens,
+                    "finish_reason": b.finish_reason,
+                }
+                for b in self.branches
+            ],
+            "steps": self.steps,
+            "num_tokens": self.num_tokens,
+            "latency_s": round(self.latency_s, 6),
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass
+class EngineStats:
+    running_requests: int
+    waiting_requests: int
+    running_branches: int
+    free_blocks: int
+    total_blocks: int
+    prefix_hit_rate: float
+    steps: int
+    num_preemptions: int
+    generated_tokens: int
