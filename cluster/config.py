@@ -237,8 +237,8 @@ def _positive(cfg: ServeAppConfig) -> None:
         try:
             AutoscalingConfig(**cfg.worker.autoscaling_config)
         except Exception as exc:  # pydantic's ValidationError names the bad field
-            errors = getattr(exc, "errors", lambda: [{"msg": str(exc)}])()
-            raise ConfigError(f"worker.autoscaling_config: {errors[0]['msg']}") from None
+            msg = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+            raise ConfigError(f"worker.autoscaling_config: {msg}") from None
 
 
 def _merge(base: dict, over: dict) -> dict:
