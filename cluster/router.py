@@ -1,0 +1,192 @@
+"""`AparRouter`: Ray Serve RequestRouter for the worker deployment, backed by Redis (DESIGN §6).
+
+Policy, per request:
+  1. replicas without a live heartbeat, or marked dead, are not chosen (unless none has one);
+  2. a request that is already owned (a retry), then its session, then its longest known prompt
+     prefix go to the replica that holds them, unless that replica is overloaded;
+  3. otherwise replicas are ranked least-loaded first (queue length, then free KV fraction).
+If Redis is unreachable (or not configured) the router falls back to Ray's default
+power-of-two choice, with a warning once per outage and a counter.
+
+The returned ranks hold one replica each, so Ray tries them in our order and moves to the next
+only if a replica rejects the request (its `max_ongoing_requests` is full). The base class
+matches a chosen replica to exactly the request it was chosen for (no FIFOMixin), which keeps
+affinity decisions intact.
+
+Enable with `RequestRouterConfig(request_router_class="cluster.router:AparRouter",
+request_router_kwargs={"redis_url": ..., "namespace": ..., "max_queue_len": ...})`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from cluster.state import ReplicaLoad, RouteInfo, RoutingKeys, SchedulerState, routing_keys
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class Thresholds:
+    """When a replica counts as overloaded (affinity is then ignored for it)."""
+
+    max_queue_len: int = 8  # running + waiting requests on the replica
+    min_free_kv_fraction: float = 0.05  # free KV blocks / total
+
+
+def _overloaded(load: ReplicaLoad | None, local_q: int, t: Thresholds) -> bool:
+    if load is None:
+        return False
+    return max(load.queue_len, local_q) >= t.max_queue_len or load.free_kv_fraction < t.min_free_kv_fraction
+
+
+def rank_replicas(
+    candidates: Sequence[str],
+    info: RouteInfo,
+    keys: RoutingKeys | None,
+    thresholds: Thresholds,
+    local_queue: dict[str, int] | None = None,
+) -> tuple[list[str], str]:
+    """Order candidate replica ids by preference; returns (order, reason). Pure: unit-tested."""
+    local_queue = local_queue or {}
+    alive = [c for c in candidates if c in info.loads]
+    if not alive:  # no heartbeats at all (e.g. all just started): anything not known dead
+        alive = [c for c in candidates if c not in info.dead] or list(candidates)
+
+    def score(c: str) -> tuple[bool, int, float]:
+        load, q = info.loads.get(c), local_queue.get(c, 0)
+        qlen = max(load.queue_len if load else 0, q)
+        free = load.free_kv_fraction if load else 1.0
+        return (_overloaded(load, q, thresholds), qlen, -free)
+
+    ordered = sorted(alive, key=score)
+    if keys is not None:
+        for target, reason in (
+            (info.owner, "owner"),
+            (info.session_replica, "session"),
+            (info.prefix_replica, "prefix"),
+        ):
+            if target and target in alive:
+                if not _overloaded(info.loads.get(target), local_queue.get(target, 0), thresholds):
+                    return [target] + [c for c in ordered if c != target], reason
+    return ordered, "least-loaded"
+
+
+def keys_of(pending: PendingRequest | None) -> RoutingKeys | None:
+    """Routing keys from the call's first argument that carries any (or a `request` kwarg)."""
+    if pending is None:
+        return None
+    for arg in [*pending.args, *pending.kwargs.values()]:
+        keys = routing_keys(arg)
+        if keys is not None:
+            return keys
+    return None
+
+
+class AparRouter(RequestRouter):
+    """Branch-affine, load-aware routing from Redis state; power-of-two fallback."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._state: SchedulerState | None = None
+        self._thresholds = Thresholds()
+        self._died: set[str] = set()
+        self._inflight: Counter[str] = Counter()  # requests this router sent, not yet completed
+        self._sent_by_request: dict[str, str] = {}
+        self.decisions: Counter[str] = (
+            Counter()
+        )  # reason -> count (owner/session/prefix/least-loaded/fallback)
+        self._fallback_warned = False
+
+    def initialize_state(  # type: ignore[override]
+        self,
+        redis_url: str | None = None,
+        namespace: str = "default",
+        max_queue_len: int = 8,
+        min_free_kv_fraction: float = 0.05,
+        socket_timeout_s: float = 0.25,
+        **_: Any,
+    ) -> None:
+        url = redis_url or os.environ.get("APAR_REDIS_URL")
+        self._thresholds = Thresholds(int(max_queue_len), float(min_free_kv_fraction))
+        if url:
+            self._state = SchedulerState(url, namespace, socket_timeout_s=socket_timeout_s)
+        else:
+            log.warning("AparRouter: no redis_url; routing uses power-of-two choice only")
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # we return every candidate
+        by_id = {
+            r.replica_id.unique_id: r for r in candidate_replicas if r.replica_id.unique_id not in self._died
+        }
+        if not by_id:
+            by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if not by_id:
+            return []
+        keys = keys_of(pending_request)
+        info: RouteInfo | None = None
+        if self._state is not None:
+            info = await asyncio.to_thread(
+                self._state.route_info,
+                keys.request_id if keys else None,
+                keys.session_id if keys else None,
+                keys.prefix_hashes if keys else [],
+                list(by_id),
+            )
+        if info is None:
+            return self._fallback(list(by_id.values()))
+        self._fallback_warned = False
+        order, reason = rank_replicas(list(by_id), info, keys, self._thresholds, dict(self._inflight))
+        self.decisions[reason] += 1
+        return [[by_id[i]] for i in order]
+
+    def _fallback(self, replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
+        """Ray's default: two random replicas, the shorter queue wins (Ray probes them)."""
+        self.decisions["fallback"] += 1
+        if not self._fallback_warned:
+            self._fallback_warned = True
+            log.warning("AparRouter: redis unavailable, falling back to power-of-two choice routing")
+        return [random.sample(replicas, k=min(2, len(replicas)))]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        rid = pending_request.metadata.internal_request_id
+        if rid not in self._sent_by_request:
+            self._sent_by_request[rid] = replica_id.unique_id
+            self._inflight[replica_id.unique_id] += 1
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        uid = self._sent_by_request.pop(internal_request_id, None)
+        if uid is not None:
+            self._inflight[uid] -= 1
+            if self._inflight[uid] <= 0:
+                del self._inflight[uid]
+
+    def on_replica_actor_died(self, replica_id: Any) -> None:
+        """Stop choosing it here at once, and tell the other routers through Redis."""
+        super().on_replica_actor_died(replica_id)
+        uid = replica_id.unique_id
+        self._died.add(uid)
+        self._inflight.pop(uid, None)
+        if self._state is not None:
+            try:
+                asyncio.get_running_loop().run_in_executor(None, self._state.mark_dead, uid)
+            except RuntimeError:
+                self._state.mark_dead(uid)
+
+    @property
+    def fallback_count(self) -> int:
+        return self.decisions["fallback"]
