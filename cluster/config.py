@@ -102,6 +102,7 @@ class RouterSection:
     enabled: bool
     overload_queue_len: int
     overload_min_free_kv_fraction: float
+    prefix_affinity_chars: int
     stats_period_s: float
 
 
@@ -218,6 +219,7 @@ def _positive(cfg: ServeAppConfig) -> None:
         ("redis.affinity_ttl_s", cfg.redis.affinity_ttl_s > 0),
         ("router.overload_queue_len", cfg.router.overload_queue_len > 0),
         ("router.overload_min_free_kv_fraction", 0 <= cfg.router.overload_min_free_kv_fraction < 1),
+        ("router.prefix_affinity_chars", cfg.router.prefix_affinity_chars > 0),
         ("router.stats_period_s", cfg.router.stats_period_s > 0),
     ]
     for key, ok in checks:
@@ -302,12 +304,9 @@ def load_config(path: str | None, **overrides: Any) -> ServeAppConfig:
 
 def router_kwargs(cfg: ServeAppConfig) -> dict[str, Any]:
     """Keyword arguments of `cluster.router:AparRouter.initialize_state`."""
-    return {
-        "redis_url": cfg.redis.url,
-        "namespace": cfg.redis.namespace,
-        "max_queue_len": cfg.router.overload_queue_len,
-        "min_free_kv_fraction": cfg.router.overload_min_free_kv_fraction,
-    }
+    kwargs = dataclasses.asdict(cfg.router)
+    del kwargs["enabled"], kwargs["stats_period_s"]
+    return {"redis": dataclasses.asdict(cfg.redis), **kwargs}
 
 
 def deployment_options(cfg: ServeAppConfig) -> dict[str, dict[str, Any]]:
