@@ -14,14 +14,13 @@ matches a chosen replica to exactly the request it was chosen for (no FIFOMixin)
 affinity decisions intact.
 
 Enable with `RequestRouterConfig(request_router_class="cluster.router:AparRouter",
-request_router_kwargs={"redis_url": ..., "namespace": ..., "max_queue_len": ...})`.
+request_router_kwargs=cluster.config.router_kwargs(cfg))`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -30,7 +29,15 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from cluster.state import ReplicaLoad, RouteInfo, RoutingKeys, SchedulerState, routing_keys
+from cluster.state import (
+    PREFIX_CHUNK_CHARS,
+    ReplicaLoad,
+    RouteInfo,
+    RoutingKeys,
+    SchedulerState,
+    routing_keys,
+    state_from_config,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -39,14 +46,14 @@ log = logging.getLogger("ray.serve")
 class Thresholds:
     """When a replica counts as overloaded (affinity is then ignored for it)."""
 
-    max_queue_len: int = 8  # running + waiting requests on the replica
-    min_free_kv_fraction: float = 0.05  # free KV blocks / total
+    max_waiting: int = 8  # config router.overload_queue_len: more waiting requests than this
+    min_free_kv_fraction: float = 0.1  # config router.overload_min_free_kv_fraction
 
 
-def _overloaded(load: ReplicaLoad | None, local_q: int, t: Thresholds) -> bool:
+def _overloaded(load: ReplicaLoad | None, t: Thresholds) -> bool:
     if load is None:
         return False
-    return max(load.queue_len, local_q) >= t.max_queue_len or load.free_kv_fraction < t.min_free_kv_fraction
+    return load.waiting_requests > t.max_waiting or load.free_kv_fraction < t.min_free_kv_fraction
 
 
 def rank_replicas(
@@ -66,7 +73,7 @@ def rank_replicas(
         load, q = info.loads.get(c), local_queue.get(c, 0)
         qlen = max(load.queue_len if load else 0, q)
         free = load.free_kv_fraction if load else 1.0
-        return (_overloaded(load, q, thresholds), qlen, -free)
+        return (_overloaded(load, thresholds), qlen, -free)
 
     ordered = sorted(alive, key=score)
     if keys is not None:
@@ -76,17 +83,17 @@ def rank_replicas(
             (info.prefix_replica, "prefix"),
         ):
             if target and target in alive:
-                if not _overloaded(info.loads.get(target), local_queue.get(target, 0), thresholds):
+                if not _overloaded(info.loads.get(target), thresholds):
                     return [target] + [c for c in ordered if c != target], reason
     return ordered, "least-loaded"
 
 
-def keys_of(pending: PendingRequest | None) -> RoutingKeys | None:
-    """Routing keys from the call's first argument that carries any (or a `request` kwarg)."""
+def keys_of(pending: PendingRequest | None, chunk_chars: int = PREFIX_CHUNK_CHARS) -> RoutingKeys | None:
+    """Routing keys from the first call argument (positional or keyword) that carries any."""
     if pending is None:
         return None
     for arg in [*pending.args, *pending.kwargs.values()]:
-        keys = routing_keys(arg)
+        keys = routing_keys(arg, chunk_chars)
         if keys is not None:
             return keys
     return None
@@ -99,6 +106,7 @@ class AparRouter(RequestRouter):
         super().__init__(*args, **kwargs)
         self._state: SchedulerState | None = None
         self._thresholds = Thresholds()
+        self._chunk_chars = PREFIX_CHUNK_CHARS
         self._died: set[str] = set()
         self._inflight: Counter[str] = Counter()  # requests this router sent, not yet completed
         self._sent_by_request: dict[str, str] = {}
@@ -109,19 +117,18 @@ class AparRouter(RequestRouter):
 
     def initialize_state(  # type: ignore[override]
         self,
-        redis_url: str | None = None,
-        namespace: str = "default",
-        max_queue_len: int = 8,
-        min_free_kv_fraction: float = 0.05,
-        socket_timeout_s: float = 0.25,
+        redis: dict[str, Any] | None = None,
+        overload_queue_len: int = 8,
+        overload_min_free_kv_fraction: float = 0.1,
+        prefix_affinity_chars: int = PREFIX_CHUNK_CHARS,
         **_: Any,
     ) -> None:
-        url = redis_url or os.environ.get("APAR_REDIS_URL")
-        self._thresholds = Thresholds(int(max_queue_len), float(min_free_kv_fraction))
-        if url:
-            self._state = SchedulerState(url, namespace, socket_timeout_s=socket_timeout_s)
-        else:
-            log.warning("AparRouter: no redis_url; routing uses power-of-two choice only")
+        """Called by Ray Serve with `request_router_kwargs` (cluster.config.router_kwargs)."""
+        self._thresholds = Thresholds(int(overload_queue_len), float(overload_min_free_kv_fraction))
+        self._chunk_chars = int(prefix_affinity_chars)
+        self._state = state_from_config(redis)
+        if self._state is None:
+            log.warning("AparRouter: no redis url; routing uses power-of-two choice only")
 
     async def choose_replicas(
         self,
@@ -137,7 +144,7 @@ class AparRouter(RequestRouter):
             by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if not by_id:
             return []
-        keys = keys_of(pending_request)
+        keys = keys_of(pending_request, self._chunk_chars)
         info: RouteInfo | None = None
         if self._state is not None:
             info = await asyncio.to_thread(

@@ -33,8 +33,8 @@ from redis.retry import Retry
 log = logging.getLogger("apar.state")
 T = TypeVar("T")
 
-PREFIX_CHUNK_CHARS = 128  # prefix-affinity granularity (about two 16-token KV blocks of text)
-MAX_PREFIX_CHUNKS = 64  # prompts longer than 8 KiB chars are matched on their first 8 KiB
+PREFIX_CHUNK_CHARS = 256  # default prefix-affinity granularity (config: router.prefix_affinity_chars)
+MAX_PREFIX_CHUNKS = 64  # longer prompts are matched on their first 64 chunks
 
 
 @dataclass
@@ -76,7 +76,7 @@ class RouteInfo:
     owner: str | None = None
     session_replica: str | None = None
     prefix_replica: str | None = None
-    prefix_chunks: int = 0  # how many PREFIX_CHUNK_CHARS chunks of the prompt matched
+    prefix_chunks: int = 0  # how many prefix chunks of the prompt matched
     loads: dict[str, ReplicaLoad] = field(default_factory=dict)  # live heartbeats only
     dead: set[str] = field(default_factory=set)
 
@@ -92,13 +92,16 @@ def canonical_prompt(
     return prompt or ""
 
 
-def prefix_hashes(text: str) -> list[str]:
-    """Hashes of the prompt's prefixes at every PREFIX_CHUNK_CHARS boundary, shortest first."""
+def prefix_hashes(text: str, chunk_chars: int = PREFIX_CHUNK_CHARS) -> list[str]:
+    """Hashes of the prompt's prefixes at every `chunk_chars` boundary, shortest first.
+
+    Chained, so the longest prefix two prompts share is found with one MGET.
+    """
     h = hashlib.blake2b(digest_size=12)
     out: list[str] = []
-    n = min(len(text) // PREFIX_CHUNK_CHARS, MAX_PREFIX_CHUNKS)
+    n = min(len(text) // chunk_chars, MAX_PREFIX_CHUNKS)
     for i in range(n):
-        h.update(text[i * PREFIX_CHUNK_CHARS : (i + 1) * PREFIX_CHUNK_CHARS].encode("utf-8", "surrogatepass"))
+        h.update(text[i * chunk_chars : (i + 1) * chunk_chars].encode("utf-8", "surrogatepass"))
         out.append(h.copy().hexdigest())
     return out
 
@@ -404,7 +407,7 @@ class RoutingKeys:
     prefix_hashes: list[str] = field(default_factory=list)
 
 
-def routing_keys(obj: Any) -> RoutingKeys | None:
+def routing_keys(obj: Any, chunk_chars: int = PREFIX_CHUNK_CHARS) -> RoutingKeys | None:
     """Routing keys of a call argument: a GenerateRequest, a dict or any object with the fields.
 
     Reads `request_id`, `session_id` and either `prefix_hashes` (precomputed) or the prompt
@@ -418,9 +421,31 @@ def routing_keys(obj: Any) -> RoutingKeys | None:
     hashes = get("prefix_hashes")
     if hashes is None:
         prompt, messages, ids = get("prompt"), get("messages"), get("prompt_token_ids")
-        hashes = prefix_hashes(canonical_prompt(prompt, messages, ids)) if (prompt or messages or ids) else []
+        hashes = (
+            prefix_hashes(canonical_prompt(prompt, messages, ids), chunk_chars)
+            if (prompt or messages or ids)
+            else []
+        )
     if rid is None and sid is None and not hashes:
         return None
     return RoutingKeys(
         request_id=str(rid) if rid else None, session_id=str(sid) if sid else None, prefix_hashes=list(hashes)
+    )
+
+
+def state_from_config(redis_section: dict[str, Any] | None, **kwargs: Any) -> SchedulerState | None:
+    """SchedulerState from the config's `redis:` section (url None: $APAR_REDIS_URL); None if no URL."""
+    import os
+
+    section = redis_section or {}
+    url = section.get("url") or os.environ.get("APAR_REDIS_URL")
+    if not url:
+        return None
+    return SchedulerState(
+        url,
+        section.get("namespace", "default"),
+        heartbeat_ttl_s=float(section.get("heartbeat_ttl_s", 3.0)),
+        request_ttl_s=float(section.get("progress_ttl_s", 600.0)),
+        affinity_ttl_s=float(section.get("affinity_ttl_s", 1800.0)),
+        **kwargs,
     )

@@ -1,0 +1,122 @@
+"""Failover for the ingress: retry a request whose worker replica died, without duplicate output.
+
+A retry re-runs the request from scratch on another replica. Greedy decoding (and sampling
+with a fixed seed, which the ingress sets for every sampled request) gives the same branch tree
+and tokens again, so `StreamDeduper` forwards only what the client has not seen yet: per
+branch, the tokens and text past what was already sent; `created` and the finish event once.
+If a replay diverges from what was sent, it raises `ReplayMismatchError` instead of sending
+inconsistent output.
+
+Before a retry the dead replica (the request's owner in Redis) is marked dead, so every router
+stops choosing it at once instead of waiting for its heartbeat to expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from apar_worker.types import BranchEvent, RequestOutput
+from cluster.state import SchedulerState
+
+log = logging.getLogger("apar.resume")
+
+
+class ReplayMismatchError(RuntimeError):
+    """A retried request produced different tokens than those already streamed."""
+
+
+def is_replica_failure(exc: BaseException) -> bool:
+    """True for errors that mean the replica (not the request) failed: worth a retry elsewhere."""
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    if isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), RayActorError):
+        return True
+    return isinstance(exc, ActorDiedError | ActorUnavailableError | RayActorError)
+
+
+class StreamDeduper:
+    """Forwards each branch's events once across attempts of the same request."""
+
+    def __init__(self) -> None:
+        self.sent_ids: dict[int, list[int]] = {}  # branch -> token ids already forwarded
+        self.sent_chars: dict[int, int] = {}  # branch -> characters of delta_text forwarded
+        self.finished: set[int] = set()
+        self.announced: set[int] = set()  # branches whose `created` event was forwarded
+        self._seen_ids: dict[int, int] = {}  # this attempt: tokens received so far per branch
+        self._seen_chars: dict[int, int] = {}
+
+    def new_attempt(self) -> None:
+        self._seen_ids.clear()
+        self._seen_chars.clear()
+
+    def filter(self, ev: BranchEvent) -> BranchEvent | None:
+        """The part of `ev` the client has not received yet, or None if nothing is new."""
+        b = ev.branch_id
+        sent = self.sent_ids.setdefault(b, [])
+        r = self._seen_ids.get(b, 0)
+        ids = list(ev.new_token_ids)
+        skip = max(0, min(len(sent) - r, len(ids)))
+        if ids[:skip] != sent[r : r + skip]:
+            raise ReplayMismatchError(f"branch {b}: retried tokens differ from the ones already streamed")
+        self._seen_ids[b] = r + len(ids)
+        rc = self._seen_chars.get(b, 0)
+        text = ev.delta_text
+        cskip = max(0, min(self.sent_chars.get(b, 0) - rc, len(text)))
+        self._seen_chars[b] = rc + len(text)
+        new_ids, new_text = ids[skip:], text[cskip:]
+        created = ev.created and b not in self.announced
+        finish = ev.finish_reason if b not in self.finished else None
+        if not new_ids and not new_text and not created and finish is None:
+            return None
+        sent.extend(new_ids)
+        self.sent_chars[b] = self.sent_chars.get(b, 0) + len(new_text)
+        if finish is not None:
+            self.finished.add(b)
+        if created:
+            self.announced.add(b)
+        return dataclasses.replace(
+            ev, new_token_ids=new_ids, delta_text=new_text, created=created, finish_reason=finish
+        )
+
+
+async def generate_with_failover(
+    start: Callable[[int], AsyncIterator[Any]],
+    *,
+    request_id: str | None = None,
+    state: SchedulerState | None = None,
+    max_attempts: int = 3,
+    is_retryable: Callable[[BaseException], bool] = is_replica_failure,
+) -> AsyncIterator[BranchEvent | RequestOutput | Any]:
+    """Run `start(attempt)` (a worker stream) and retry it on replica failure.
+
+    Yields deduplicated BranchEvents and the final RequestOutput of the attempt that finished.
+    Other items are passed through. Non-retryable errors, and the last failure, propagate.
+    """
+    dedup = StreamDeduper()
+    for attempt in range(max_attempts):
+        dedup.new_attempt()
+        try:
+            async for item in start(attempt):
+                if isinstance(item, BranchEvent):
+                    out = dedup.filter(item)
+                    if out is not None:
+                        yield out
+                else:
+                    yield item
+            return
+        except Exception as exc:
+            if attempt + 1 >= max_attempts or not is_retryable(exc):
+                raise
+            log.warning(
+                "request %s: replica failed (%s); retrying (attempt %d)", request_id, exc, attempt + 2
+            )
+            if state is not None and request_id:
+                owner = await asyncio.to_thread(state.owner, request_id)
+                if owner:
+                    await asyncio.to_thread(state.mark_dead, owner)
