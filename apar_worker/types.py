@@ -115,6 +115,7 @@ class BranchInfo:
     num_tokens: int
     finish_reason: FinishReason | None
     fork_position: int | None = None  # index in the parent's output tokens where it forked
+    token_ids: list[int] = field(default_factory=list)  # own output tokens, control tokens included
 
 
 @dataclass

@@ -1,0 +1,161 @@
+"""Attention over the paged KV cache, plugged into Hugging Face models.
+
+The model runner flattens every token of a step (all branches, all requests) into one
+sequence of length T and passes per-token `position_ids`. HF computes q/k/v and rotary (or
+learned) positions as usual, then calls the function registered here under the name
+`apar_paged` instead of its own attention. We write the new K/V into their cache slots, then
+attend each token to its own branch's context (read through the branch's block table), so a
+forked branch sees exactly its ancestry. All index tensors are built once per step
+(`AttentionMetadata`) and reused by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from apar_worker.kv_cache import KVCache
+
+ATTN_IMPLEMENTATION = "apar_paged"
+
+# Sequences with more query tokens than this in one step are attended one by one (prefill
+# chunks); shorter ones (decode, speculative drafts) are padded and batched together.
+MAX_BATCHED_QUERY = 8
+
+
+@dataclass
+class SeqSlice:
+    """One branch's part of the flat batch: tokens [start, end) and its full context slots."""
+
+    start: int
+    end: int
+    context_slots: list[int]  # cache slot of every context position, new tokens included
+    first_position: int  # position of token `start` (== number of cached tokens before it)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] slot written by each new token
+    num_tokens: int
+    # Batched short-query group (None when empty).
+    dec_q_idx: torch.Tensor | None = None  # [B, Q] flat token index (padded)
+    dec_kv_slots: torch.Tensor | None = None  # [B, L] cache slots (padded)
+    dec_mask: torch.Tensor | None = None  # [B, 1, Q, L] True = attend
+    dec_valid: torch.Tensor | None = None  # [B*Q] which padded query rows are real
+    dec_tok: torch.Tensor | None = None  # [N] flat token index of each real row
+    # Long-query sequences: (start, end, kv slots [L], mask [1, q, L] or None if plainly causal)
+    long: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] | None = None
+    attended_tokens: int = 0  # sum over query tokens of keys attended (attention work metric)
+
+    @classmethod
+    def build(cls, seqs: list[SeqSlice], device: torch.device) -> AttentionMetadata:
+        slot_mapping: list[int] = []
+        short: list[SeqSlice] = []
+        long: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        attended = 0
+        for s in seqs:
+            n = s.end - s.start
+            ctx = len(s.context_slots)
+            slot_mapping.extend(s.context_slots[s.first_position : s.first_position + n])
+            attended += n * s.first_position + n * (n + 1) // 2
+            if n <= MAX_BATCHED_QUERY:
+                short.append(s)
+                continue
+            slots = torch.tensor(s.context_slots, dtype=torch.long, device=device)
+            mask = None
+            if s.first_position > 0:
+                qpos = torch.arange(s.first_position, s.first_position + n, device=device)
+                mask = (torch.arange(ctx, device=device)[None, :] <= qpos[:, None])[None]
+            long.append((s.start, s.end, slots, mask))
+        meta = cls(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            num_tokens=len(slot_mapping),
+            long=long,
+            attended_tokens=attended,
+        )
+        if short:
+            meta._build_short(short, device)
+        return meta
+
+    def _build_short(self, seqs: list[SeqSlice], device: torch.device) -> None:
+        b = len(seqs)
+        q = max(s.end - s.start for s in seqs)
+        lmax = max(len(s.context_slots) for s in seqs)
+        q_idx = torch.zeros((b, q), dtype=torch.long)
+        qpos = torch.zeros((b, q), dtype=torch.long)
+        valid = torch.zeros((b, q), dtype=torch.bool)
+        kv = torch.zeros((b, lmax), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            n = s.end - s.start
+            q_idx[i, :n] = torch.arange(s.start, s.end)
+            qpos[i, :n] = torch.arange(s.first_position, s.first_position + n)
+            valid[i, :n] = True
+            kv[i, : len(s.context_slots)] = torch.tensor(s.context_slots, dtype=torch.long)
+        # Padded query rows get position 0: they attend to one key (no NaN) and are dropped.
+        mask = torch.arange(lmax)[None, None, :] <= qpos[:, :, None]
+        valid_flat = valid.reshape(-1)
+        self.dec_q_idx = q_idx.to(device)
+        self.dec_kv_slots = kv.to(device)
+        self.dec_mask = mask[:, None].to(device)
+        self.dec_valid = valid_flat.to(device)
+        self.dec_tok = q_idx.reshape(-1)[valid_flat].to(device)
+
+
+class _ForwardContext:
+    """What the attention function needs for the forward pass in progress."""
+
+    kv_cache: KVCache | None = None
+    meta: AttentionMetadata | None = None
+
+
+FORWARD_CONTEXT = _ForwardContext()
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """HF attention interface: query [1, H, T, D], key/value [1, KVH, T, D] -> [1, T, H, D]."""
+    meta = FORWARD_CONTEXT.meta
+    cache = FORWARD_CONTEXT.kv_cache
+    if meta is None or cache is None:
+        raise RuntimeError("paged attention called outside an engine step")
+    layer = cache.data[module.layer_idx]
+    k_cache, v_cache = layer[0], layer[1]
+    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+
+    q = query[0]  # [H, T, D]
+    num_heads, _, head_dim = q.shape
+    gqa = num_heads != k_cache.shape[1]
+    out = q.new_empty((meta.num_tokens, num_heads, head_dim))
+    if meta.dec_q_idx is not None:
+        qb = q[:, meta.dec_q_idx].permute(1, 0, 2, 3)  # [B, H, Q, D]
+        kb = k_cache[meta.dec_kv_slots].permute(0, 2, 1, 3)  # [B, KVH, L, D]
+        vb = v_cache[meta.dec_kv_slots].permute(0, 2, 1, 3)
+        ob = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa
+        )
+        ob = ob.permute(0, 2, 1, 3).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
+        out[meta.dec_tok] = ob[meta.dec_valid]
+    for start, end, slots, mask in meta.long or ():
+        qs = q[None, :, start:end]
+        ks = k_cache[slots].transpose(0, 1)[None]
+        vs = v_cache[slots].transpose(0, 1)[None]
+        os_ = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
+        )
+        out[start:end] = os_[0].transpose(0, 1)
+    return out[None], None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

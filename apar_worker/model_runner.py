@@ -1,0 +1,93 @@
+"""Loads a Hugging Face causal LM and runs one flattened engine step through it.
+
+The HF model code is reused as is: only its attention is swapped for `apar_paged`, which
+reads and writes the paged KV cache. Logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from apar_worker.attention import ATTN_IMPLEMENTATION, FORWARD_CONTEXT, AttentionMetadata, SeqSlice
+from apar_worker.kv_cache import KVCache
+from apar_worker.model_registry import resolve_model
+from apar_worker.types import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def parse_dtype(dtype: str) -> torch.dtype:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}") from None
+
+
+def load_model_and_tokenizer(name_or_path: str, device: torch.device, dtype: torch.dtype):
+    path: Path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, attn_implementation=ATTN_IMPLEMENTATION
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
+    return model.to(device).eval(), tokenizer
+
+
+@dataclass
+class ModelShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_model_len: int
+    vocab_size: int
+
+
+def model_shape(model: PreTrainedModel) -> ModelShape:
+    cfg = model.config.get_text_config()
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
+    return ModelShape(cfg.num_hidden_layers, kv_heads, head_dim, int(max_len), cfg.vocab_size)
+
+
+class ModelRunner:
+    def __init__(self, model: PreTrainedModel, kv_cache: KVCache) -> None:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.model = model.eval()
+        self.kv_cache = kv_cache
+        self.device = next(model.parameters()).device
+        self.last_attended_tokens = 0
+
+    @torch.no_grad()
+    def execute(
+        self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice], sample_rows: list[int]
+    ) -> torch.Tensor:
+        """Run one step; returns float32 logits [len(sample_rows), vocab]."""
+        meta = AttentionMetadata.build(seqs, self.device)
+        self.last_attended_tokens = meta.attended_tokens
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        FORWARD_CONTEXT.kv_cache = self.kv_cache
+        FORWARD_CONTEXT.meta = meta
+        try:
+            out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep)
+        finally:
+            FORWARD_CONTEXT.meta = None
+        return out.logits[0].float()

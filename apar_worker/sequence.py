@@ -1,0 +1,143 @@
+"""Per-request state: the branch tree, each branch's tokens and KV block table.
+
+A branch's `tokens` is its whole visible context (DESIGN §2): the prompt, the ancestors'
+tokens through each `[Fork]`, `[Child]`, then its own output. `num_computed` of them have
+K/V in the cache; the rest (normally one sampled token, or a prompt chunk) are fed next.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from apar_worker.kv_cache import chain_hash
+from apar_worker.types import BranchInfo, FinishReason, GenerateRequest
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Branch:
+    id: int
+    parent: Branch | None
+    depth: int
+    tokens: list[int]
+    own_start: int  # index in `tokens` where this branch's own output begins
+    fork_index: int | None = None  # index of its [Fork] in the parent's output_ids
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # cache slot of every position covered by the table
+    block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks, in order
+    children: dict[int, Branch] = field(default_factory=dict)  # output index of [Fork] -> child
+    finish_reason: FinishReason | None = None
+    detok: object | None = None  # IncrementalDetokenizer when text is tracked per step
+    text: str = ""  # tracked text (only for stream/stop-string requests)
+    generator: object | None = None  # torch.Generator for seeded sampling
+
+    @property
+    def output_ids(self) -> list[int]:
+        """Tokens this branch produced itself (sampled; a child's forced [Child] excluded)."""
+        start = self.own_start + (1 if self.parent is not None else 0)
+        return self.tokens[start:]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    def set_table(self, table: list[int], block_size: int) -> None:
+        self.block_table = table
+        self.slots = [b * block_size + o for b in table for o in range(block_size)]
+
+    def append_block(self, block: int, block_size: int) -> None:
+        self.block_table.append(block)
+        self.slots.extend(range(block * block_size, (block + 1) * block_size))
+
+    def replace_block(self, index: int, block: int, block_size: int) -> None:
+        self.block_table[index] = block
+        self.slots[index * block_size : (index + 1) * block_size] = range(
+            block * block_size, (block + 1) * block_size
+        )
+
+    def update_block_hashes(self, block_size: int) -> list[tuple[int, int]]:
+        """Hash blocks that became full; returns (block, hash) pairs to register."""
+        new = []
+        while len(self.block_hashes) < self.num_computed // block_size:
+            i = len(self.block_hashes)
+            prev = self.block_hashes[-1] if self.block_hashes else None
+            h = chain_hash(prev, self.tokens[i * block_size : (i + 1) * block_size])
+            self.block_hashes.append(h)
+            new.append((self.block_table[i], h))
+        return new
+
+
+@dataclass(eq=False)
+class RequestState:
+    request: GenerateRequest
+    prompt_ids: list[int]
+    arrival_order: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    branches: list[Branch] = field(default_factory=list)
+    num_generated: int = 0
+    cached_tokens: int = 0
+    steps: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    error: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def root(self) -> Branch:
+        return self.branches[0]
+
+    def live_branches(self) -> list[Branch]:
+        return [b for b in self.branches if b.finish_reason is None]
+
+    def reserved_blocks(self, expected_forks: int) -> int:
+        """Blocks still held back for forks this request is likely to make (admission control)."""
+        if not self.request.fork:
+            return 0
+        expected = min(expected_forks, self.request.max_branches - 1)
+        return max(0, expected - (len(self.branches) - 1))
+
+
+def assemble(branch: Branch, decode) -> str:
+    """Answer text in reading order: own text up to each [Fork], the child's answer, then on."""
+    out = branch.output_ids
+    parts: list[str] = []
+    start = 0
+    for idx in sorted(branch.children):
+        parts.append(decode(out[start:idx]))
+        parts.append(assemble(branch.children[idx], decode))
+        start = idx + 1
+    parts.append(decode(out[start:]))
+    return "".join(parts)
+
+
+def branch_infos(state: RequestState, decode) -> list[BranchInfo]:
+    return [
+        BranchInfo(
+            id=b.id,
+            parent=b.parent.id if b.parent is not None else None,
+            text=decode(b.output_ids),
+            num_tokens=len(b.output_ids),
+            finish_reason=b.finish_reason,
+            fork_position=b.fork_index,
+            token_ids=list(b.output_ids),
+        )
+        for b in state.branches
+    ]
