@@ -38,7 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    generate = sub.choices.get("generate")
+    if generate is not None:
+        generate.set_defaults(func=_generate)
     return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Local engine by default; `--server HOST:PORT` goes through the gRPC client."""
+    if args.server:
+        from cluster.client import run_remote_generate
+
+        return run_remote_generate(args)
+    from apar_worker.cli_generate import run_local
+
+    return run_local(args)
 
 
 def main(argv: list[str] | None = None) -> int:
