@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# Image of the Ray pods (head and workers) that the apar-serve Helm chart (helm/apar-serve) runs:
+# Ray + APAR Serve + the shipped models (apar-tiny, apar-tiny-seq), as user `ray` (1000:100).
+#
+#   CPU, the chart's default image (image.tag "0.1.0"):
+#     docker build -t ghcr.io/apar-serve/apar-serve:0.1.0 .
+#   GPU workers (rayCluster.workers.image.tag "0.1.0-cu128"):
+#     docker build -t ghcr.io/apar-serve/apar-serve:0.1.0-cu128 \
+#       --build-arg BASE_IMAGE=rayproject/ray:2.60.0-py311-cu128 \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#
+# The Ray version of the base image must equal the chart's rayCluster.rayVersion (2.60.0).
+ARG BASE_IMAGE=rayproject/ray:2.60.0-py311-cpu
+FROM ${BASE_IMAGE}
+
+# CPU wheels by default: torch from PyPI would pull several GB of CUDA libraries.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG APAR_VERSION=0.1.0
+
+LABEL org.opencontainers.image.title="apar-serve" \
+      org.opencontainers.image.description="APAR Serve: Ray Serve + gRPC + Redis serving for APAR-decoding LLMs" \
+      org.opencontainers.image.version="${APAR_VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1
+
+# torch first, pinned like pyproject.toml, from the index that matches the base image.
+RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
+
+# The project itself (not editable: the source tree is removed afterwards). Ray Serve imports
+# `cluster.app:build_app` and the gRPC servicer from site-packages on every node.
+WORKDIR /tmp/apar-src
+COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 apar_worker ./apar_worker
+COPY --chown=1000:100 cluster ./cluster
+COPY --chown=1000:100 protos ./protos
+COPY --chown=1000:100 bench ./bench
+RUN pip install . \
+    && python -c "import cluster.config, protos.apar.v1.apar_pb2_grpc, grpc_health.v1.health_pb2_grpc; \
+from apar_worker.model_registry import resolve_model; print(resolve_model('apar-tiny'))" \
+    && cd / && rm -rf /tmp/apar-src
+
+WORKDIR /home/ray
+USER 1000:100
