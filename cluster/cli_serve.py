@@ -1,0 +1,257 @@
+"""`apar serve` (local Ray + Redis + the APAR application) and `apar status`.
+
+`apar serve` starts everything in this process's care and tears it down on Ctrl-C/SIGTERM:
+a redis-server (unless --redis-url/$APAR_REDIS_URL names one), a local Ray instance sized for a
+laptop (no dashboard), then Ray Serve with the gRPC proxy and the application built from the
+same config that Helm renders into serveConfigV2. It writes a small state file so that
+`apar status` can find the Redis it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.config import ConfigError, ServeAppConfig, load_config, to_serve_deploy_dict
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fail(message: str) -> int:
+    print(f"apar: error: {message}", file=sys.stderr)
+    return 2
+
+
+def state_file(grpc_port: int) -> Path:
+    """Where `apar serve` on `grpc_port` records its Redis URL and pid for `apar status`."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache")
+    return base / "apar" / f"serve-{grpc_port}.json"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the APAR Serve cluster locally (Ray Serve + gRPC + Redis)")
+    p.add_argument(
+        "--config", default=None, metavar="FILE", help="YAML config (see cluster/default_config.yaml)"
+    )
+    p.add_argument(
+        "--model", default=None, metavar="NAME|DIR", help="shipped model name or HF model directory"
+    )
+    p.add_argument(
+        "--replicas", type=int, default=None, metavar="N", help="worker replicas (turns autoscaling off)"
+    )
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT", help="gRPC port (default 50051)")
+    p.add_argument(
+        "--http-port", type=int, default=None, metavar="PORT", help="Ray Serve HTTP proxy port (default 8000)"
+    )
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="use this Redis (default: $APAR_REDIS_URL, else start one)",
+    )
+    p.add_argument(
+        "--num-cpus", type=float, default=None, metavar="N", help="CPUs Ray may use (default: all)"
+    )
+    p.set_defaults(func=run_serve)
+
+    s = sub.add_parser("status", help="show worker replicas, their load and Redis health")
+    s.add_argument(
+        "--redis-url", default=None, metavar="URL", help="default: $APAR_REDIS_URL or the local `apar serve`"
+    )
+    s.add_argument(
+        "--grpc-port", type=int, default=50051, metavar="PORT", help="port of the local `apar serve`"
+    )
+    s.add_argument("--namespace", default=None, help="Redis key namespace (default: the config's)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=run_status)
+
+
+def _load(args: argparse.Namespace) -> ServeAppConfig:
+    return load_config(
+        args.config,
+        model=args.model,
+        replicas=args.replicas,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        redis_url=args.redis_url or os.environ.get("APAR_REDIS_URL") or None,
+    )
+
+
+def _start_ray(num_cpus: float | None) -> None:
+    import ray
+
+    # Replicas are separate processes: they must import cluster/, protos/ and apar_worker/ even
+    # when the project is run from a checkout without `pip install -e .`.
+    path = os.environ.get("PYTHONPATH", "")
+    if str(_REPO_ROOT) not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), path) if p)
+    ray.init(
+        num_cpus=int(num_cpus) if num_cpus else None,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=os.environ.get("APAR_RAY_LOGS", "0") == "1",
+        namespace="apar",
+    )
+
+
+def _deploy(cfg: ServeAppConfig) -> None:
+    """Start Ray Serve and the application exactly as serveConfigV2 describes them."""
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from cluster.app import build_app
+
+    deploy = to_serve_deploy_dict(cfg)
+    app = deploy["applications"][0]
+    serve.start(
+        http_options=HTTPOptions(**deploy["http_options"]),
+        grpc_options=gRPCOptions(**deploy["grpc_options"]),
+        proxy_location=deploy["proxy_location"],
+    )
+    serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"], blocking=False)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+        from apar_worker.model_registry import resolve_model
+        from apar_worker.types import ModelLoadError
+
+        try:
+            resolve_model(cfg.model)
+        except ModelLoadError as exc:
+            return _fail(str(exc))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.num_cpus is not None and args.num_cpus <= 0:
+        return _fail("--num-cpus must be positive")
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    from cluster.redis_server import RedisServer, RedisServerError
+
+    redis_server = None
+    state = None
+    try:
+        if cfg.redis.url is None:
+            redis_server = RedisServer()
+            try:
+                cfg.redis.url = redis_server.start()
+            except RedisServerError as exc:
+                return _fail(str(exc))
+        print(f"apar serve: redis {cfg.redis.url}" + (" (started)" if redis_server else ""), flush=True)
+        _start_ray(args.num_cpus)
+        if stop.is_set():
+            return 0
+        print(f"apar serve: deploying {cfg.model} on {cfg.worker.num_replicas} replica(s) ...", flush=True)
+        _deploy(cfg)
+        _wait_running(cfg.app_name, stop)
+        if stop.is_set():
+            return 0
+        state = state_file(cfg.grpc.port)
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(
+            json.dumps({"pid": os.getpid(), "redis_url": cfg.redis.url, "namespace": cfg.redis.namespace})
+        )
+        print(
+            f"apar serve: listening on grpc 127.0.0.1:{cfg.grpc.port} (apar.v1.AparService, health, reflection); "
+            "Ctrl-C stops",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+        print("apar serve: stopping ...", flush=True)
+        return 0
+    except Exception as exc:  # deploy failures (e.g. a replica that cannot load the model)
+        return _fail(
+            f"serve failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        )
+    finally:
+        _shutdown(redis_server, state)
+
+
+def _wait_running(app_name: str, stop: threading.Event, timeout_s: float = 600.0) -> None:
+    """Block until the application is RUNNING; raise if it fails to deploy."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        status = str(getattr(app, "status", "")) if app else ""
+        if status.endswith("RUNNING"):
+            return
+        if status.endswith("DEPLOY_FAILED"):
+            raise RuntimeError(f"application {app_name} failed to deploy: {app.message}")
+        stop.wait(0.5)
+    if not stop.is_set():
+        raise RuntimeError(f"application {app_name} not running after {timeout_s:.0f}s")
+
+
+def _shutdown(redis_server: Any, state: Path | None) -> None:
+    import ray
+
+    # A second Ctrl-C during shutdown should not leave a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if ray.is_initialized():
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+    if redis_server is not None:
+        redis_server.close()
+    if state is not None:
+        state.unlink(missing_ok=True)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from cluster.state import SchedulerState
+
+    url, namespace = args.redis_url or os.environ.get("APAR_REDIS_URL"), args.namespace
+    if not url:
+        path = state_file(args.grpc_port)
+        if not path.is_file():
+            return _fail(f"no --redis-url given and no local `apar serve` on gRPC port {args.grpc_port}")
+        recorded = json.loads(path.read_text())
+        url, namespace = recorded["redis_url"], namespace or recorded.get("namespace")
+    namespace = namespace or load_config(None).redis.namespace
+    try:
+        st = SchedulerState(url, namespace)
+    except ValueError as exc:
+        return _fail(str(exc))
+    healthy = st.ping()
+    loads = (st.replica_loads() or {}) if healthy else {}
+    st.close()
+    shown = _redact(url)
+    if args.json:
+        data = {"redis": {"url": shown, "healthy": healthy}, "replicas": [vars(x) for x in loads.values()]}
+        print(json.dumps(data))
+        return 0 if healthy else 1
+    print(f"redis {shown}: {'ok' if healthy else 'UNREACHABLE'}")
+    print(f"{len(loads)} worker replica(s)")
+    for rid, load in sorted(loads.items()):
+        print(
+            f"  {rid}  pid {load.pid}  running {load.running_requests}  waiting {load.waiting_requests}  "
+            f"branches {load.running_branches}  free KV {load.free_blocks}/{load.total_blocks}"
+        )
+    return 0 if healthy else 1

@@ -1,0 +1,217 @@
+"""AparIngress: the gRPC-facing deployment behind Ray Serve's gRPC proxy.
+
+Ray's proxy calls a method of this class by the gRPC method's name (`/apar.v1.AparService/
+Generate` -> `Generate`, `/grpc.health.v1.Health/Check` -> `Check`); server reflection is served
+by the proxy itself (`gRPCOptions.enable_reflection`). The ingress validates requests (bad input
+never reaches a worker), streams a worker's items back as gRPC messages, maps finish reasons to
+gRPC status codes, and retries a request on another replica if its replica dies mid-generation,
+forwarding only the events the client has not seen yet (`cluster.resume`; decoding is
+deterministic: greedy, or seeded by `protocol.to_engine_request`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from apar_worker.types import (
+    BranchEvent,
+    EngineOverloadedError,
+    GenerateRequest,
+    InvalidRequestError,
+    RequestOutput,
+)
+from cluster.config import INGRESS_DEPLOYMENT, load_config_dict
+from cluster.protocol import to_engine_request, to_event, to_response
+from cluster.resume import ReplayMismatchError, generate_with_failover
+from cluster.state import state_from_config
+from protos.apar.v1 import apar_pb2 as pb
+
+log = logging.getLogger("ray.serve")
+SERVICE_NAME = "apar.v1.AparService"
+MAX_ATTEMPTS = 3  # one try plus two retries on other replicas if a replica dies
+
+
+class GrpcError(Exception):
+    """Ends a call with a gRPC status code and a message for the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _status_of(out: RequestOutput, req: GenerateRequest, timeout_s: float) -> GrpcError | None:
+    """Non-OK finish reasons become gRPC errors; `stop`/`length` are successes."""
+    if out.finish_reason == "deadline":
+        return GrpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"request {req.request_id} exceeded timeout_s={timeout_s:g} after {out.num_tokens} tokens",
+        )
+    if out.finish_reason == "cancelled":
+        return GrpcError(grpc.StatusCode.CANCELLED, f"request {req.request_id} was cancelled")
+    if out.finish_reason == "error":
+        return GrpcError(
+            grpc.StatusCode.INTERNAL, f"request {req.request_id} failed: {out.error or 'engine error'}"
+        )
+    return None
+
+
+def _set(ctx: RayServegRPCContext, err: GrpcError) -> None:
+    ctx.set_code(err.code)
+    ctx.set_details(err.message)
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+class AparIngress:
+    """apar.v1.AparService and grpc.health.v1.Health, served through Ray Serve's gRPC proxy."""
+
+    def __init__(self, worker: DeploymentHandle, config: dict[str, Any]):
+        self.cfg = load_config_dict(config)
+        self.worker = worker
+        self._inflight: dict[str, DeploymentResponseGenerator] = {}
+        self._cancelled: set[str] = set()
+        self.state = state_from_config(dataclasses.asdict(self.cfg.redis))  # None without Redis
+
+    # -- core ----------------------------------------------------------------------------------
+    async def _run(
+        self, req: GenerateRequest, timeout_s: float
+    ) -> AsyncIterator[tuple[str, BranchEvent | RequestOutput]]:
+        """(replica_id, item) pairs of one request; raises GrpcError on failure.
+
+        A replica that dies mid-request is marked dead and the request is replayed on another
+        one; `cluster.resume` forwards only the events the client has not seen yet.
+        """
+        rid = req.request_id
+        if rid in self._inflight:
+            raise GrpcError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight")
+
+        def start(attempt: int) -> DeploymentResponseGenerator:
+            gen = self.worker.options(stream=True).generate.remote(req, timeout_s)
+            self._inflight[rid] = gen
+            return gen
+
+        replica = ""
+        try:
+            async for item in generate_with_failover(
+                start, request_id=rid, state=self.state, max_attempts=MAX_ATTEMPTS
+            ):
+                if isinstance(item, str):
+                    replica = item
+                else:
+                    yield replica, item
+        except RequestCancelledError:
+            raise GrpcError(grpc.StatusCode.CANCELLED, f"request {rid} was cancelled") from None
+        except InvalidRequestError as exc:  # the engine's own checks, e.g. prompt over max_model_len
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except (EngineOverloadedError, BackPressureError) as exc:
+            raise GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except ReplayMismatchError as exc:
+            raise GrpcError(grpc.StatusCode.ABORTED, f"request {rid}: {exc}") from None
+        except (RayActorError, DeploymentUnavailableError) as exc:
+            if rid in self._cancelled:
+                raise GrpcError(grpc.StatusCode.CANCELLED, f"request {rid} was cancelled") from None
+            raise GrpcError(
+                grpc.StatusCode.UNAVAILABLE, f"no worker replica could finish it: {exc}"
+            ) from None
+        finally:
+            gen = self._inflight.pop(rid, None)
+            self._cancelled.discard(rid)
+            if gen is not None:
+                gen.cancel()  # no-op once finished; aborts the engine request otherwise
+
+    def _request(self, request: pb.GenerateRequest, stream: bool) -> GenerateRequest:
+        try:
+            return to_engine_request(request, self.cfg.limits, stream=stream)
+        except InvalidRequestError as exc:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+    # -- apar.v1.AparService -------------------------------------------------------------------
+    async def Generate(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> pb.GenerateResponse:
+        try:
+            req = self._request(request, stream=False)
+            async for replica, item in self._run(req, request.timeout_s):
+                if isinstance(item, RequestOutput):
+                    err = _status_of(item, req, request.timeout_s)
+                    if err is not None:
+                        raise err
+                    return to_response(item, replica)
+            raise GrpcError(grpc.StatusCode.INTERNAL, "no result")
+        except GrpcError as err:
+            _set(grpc_context, err)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        try:
+            req = self._request(request, stream=True)
+            async for replica, item in self._run(req, request.timeout_s):
+                if isinstance(item, BranchEvent):
+                    yield pb.GenerateStreamResponse(request_id=req.request_id, event=to_event(item, replica))
+                    continue
+                err = _status_of(item, req, request.timeout_s)
+                if err is not None:
+                    raise err
+                yield pb.GenerateStreamResponse(request_id=req.request_id, final=to_response(item, replica))
+        except GrpcError as err:
+            _set(grpc_context, err)
+
+    async def Cancel(self, request: pb.CancelRequest, grpc_context: RayServegRPCContext) -> pb.CancelResponse:
+        """Cancels a request this ingress replica is serving (the request_id the client chose)."""
+        if not request.request_id:
+            _set(grpc_context, GrpcError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required"))
+            return pb.CancelResponse()
+        gen = self._inflight.get(request.request_id)
+        if gen is None:
+            return pb.CancelResponse(cancelled=False)
+        self._cancelled.add(request.request_id)
+        gen.cancel()
+        return pb.CancelResponse(cancelled=True)
+
+    # -- grpc.health.v1.Health -----------------------------------------------------------------
+    async def _health(self, service: str) -> int:
+        if service not in ("", SERVICE_NAME):
+            return -1
+        try:
+            await asyncio.wait_for(self.worker.ping.remote(), timeout=5.0)
+            return health_pb2.HealthCheckResponse.SERVING
+        except Exception:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> health_pb2.HealthCheckResponse:
+        """SERVING when a worker replica answers; the proxy's own health is /ray.serve...Healthz."""
+        status = await self._health(request.service)
+        if status < 0:
+            _set(grpc_context, GrpcError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}"))
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """Sends the status now and again whenever it changes (checked every 2 s)."""
+        last = None
+        while True:
+            status = await self._health(request.service)
+            if status < 0:
+                status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(2.0)

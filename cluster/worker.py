@@ -1,0 +1,124 @@
+"""AparWorker: the Ray Serve deployment whose every replica owns one APAR engine.
+
+The engine (`apar_worker.async_engine.AsyncEngine`) runs its own step loop, so all requests on a
+replica are batched together (continuous batching) and all branches of a request share this
+replica's KV blocks. `generate` streams the engine's items back to the ingress through a
+streaming DeploymentHandle; the first item names the replica, so every event the client sees
+says where it was produced. The scheduler's LoadReporter publishes this replica's load and
+records which branches ran here (replica-side records in Redis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from apar_worker.types import BranchEvent, GenerateRequest, RequestOutput
+from cluster.config import WORKER_DEPLOYMENT, load_config_dict
+from cluster.load_reporter import LoadReporter, current_replica_id
+from cluster.metrics import WorkerMetrics
+from cluster.state import state_from_config
+
+log = logging.getLogger("ray.serve")
+_MAX_RECORDS = 10_000
+
+
+@serve.deployment(name=WORKER_DEPLOYMENT)
+class AparWorker:
+    """One engine per replica; requests arrive as `apar_worker.types.GenerateRequest`."""
+
+    def __init__(self, config: dict[str, Any]):
+        from apar_worker.async_engine import AsyncEngine
+        from apar_worker.engine import EngineConfig
+
+        self.cfg = load_config_dict(config)
+        self.replica_id = current_replica_id()
+        self.engine = AsyncEngine(EngineConfig(**self.cfg.engine_kwargs()))
+        self.metrics = WorkerMetrics(self.replica_id, self.cfg.model)
+        # request_id -> branch ids that ran on this replica (bounded, newest last).
+        self.records: OrderedDict[str, set[int]] = OrderedDict()
+        state = state_from_config(dataclasses.asdict(self.cfg.redis))
+        self.reporter: LoadReporter | None = None
+        if state is not None:
+            self.reporter = LoadReporter(
+                state, self.engine.stats, self.replica_id, interval_s=self.cfg.redis.heartbeat_interval_s
+            ).start()
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample_metrics, name="apar-metrics", daemon=True).start()
+        log.info("AparWorker %s ready: model %s", self.replica_id, self.cfg.model)
+
+    def _sample_metrics(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.metrics.observe_engine(self.engine.stats())
+            except Exception:  # metrics must never take the replica down
+                log.exception("metrics sampling failed")
+
+    def _record(self, request_id: str, branch_id: int) -> None:
+        ran = self.records.get(request_id)
+        if ran is None:
+            ran = self.records[request_id] = set()
+            while len(self.records) > _MAX_RECORDS:
+                self.records.popitem(last=False)
+        ran.add(branch_id)
+
+    async def generate(
+        self, req: GenerateRequest, timeout_s: float = 0.0
+    ) -> AsyncIterator[str | BranchEvent | RequestOutput]:
+        """Yields this replica's id, the engine's BranchEvents (if `req.stream`), one RequestOutput.
+
+        `timeout_s` becomes the engine deadline (an absolute monotonic time of this process).
+        If the caller goes away (cancelled call, expired gRPC deadline, Cancel RPC), Ray cancels
+        this generator and the request is aborted so its KV blocks return to the pool.
+        """
+        if timeout_s > 0:
+            req.deadline = time.monotonic() + timeout_s
+        yield self.replica_id
+        stream: AsyncIterator[BranchEvent | RequestOutput] = self.engine.generate(req)
+        if self.reporter is not None:
+            stream = self.reporter.track(req, stream)
+        done = False
+        try:
+            async for item in stream:
+                if isinstance(item, BranchEvent):
+                    self._record(req.request_id, item.branch_id)
+                    if not req.stream:
+                        continue  # unary calls only need the final output
+                else:
+                    done = True
+                    for b in item.branches:
+                        self._record(req.request_id, b.id)
+                    self.metrics.observe_request(item)
+                yield item
+        finally:
+            if not done:  # caller gone: close the wrappers now, and make sure the engine aborts
+                await stream.aclose()
+                await self.engine.cancel(req.request_id)
+
+    def ran_here(self, request_id: str) -> list[int]:
+        """Branch ids of `request_id` that this replica decoded (empty if none)."""
+        return sorted(self.records.get(request_id, ()))
+
+    def stats(self) -> dict[str, Any]:
+        return {"replica_id": self.replica_id, **dataclasses.asdict(self.engine.stats())}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve polls this for the request router (RequestRouterConfig stats period)."""
+        return self.stats()
+
+    async def ping(self) -> str:
+        return self.replica_id
+
+    async def __del__(self) -> None:
+        """Graceful replica shutdown: leave the routing table first, then stop the engine."""
+        self._stop.set()
+        if self.reporter is not None:
+            self.reporter.stop()
+        await self.engine.shutdown()
