@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,10 +111,14 @@ class AparRouter(RequestRouter):
         self._died: set[str] = set()
         self._inflight: Counter[str] = Counter()  # requests this router sent, not yet completed
         self._sent_by_request: dict[str, str] = {}
+        # Chosen but not yet confirmed by Ray (internal id -> (replica, time)): concurrent routing
+        # tasks see each other's picks before the first request is even sent.
+        self._tentative: dict[str, tuple[str, float]] = {}
         self.decisions: Counter[str] = (
             Counter()
         )  # reason -> count (owner/session/prefix/least-loaded/fallback)
         self._fallback_warned = False
+        self._metric: Any = None
 
     def initialize_state(  # type: ignore[override]
         self,
@@ -157,25 +162,57 @@ class AparRouter(RequestRouter):
         if info is None:
             return self._fallback(list(by_id.values()))
         self._fallback_warned = False
-        order, reason = rank_replicas(list(by_id), info, keys, self._thresholds, dict(self._inflight))
-        self.decisions[reason] += 1
+        order, reason = rank_replicas(list(by_id), info, keys, self._thresholds, self._local_queue())
+        self._count(reason)
+        if pending_request is not None and order:
+            self._tentative[pending_request.metadata.internal_request_id] = (order[0], time.monotonic())
         return [[by_id[i]] for i in order]
 
     def _fallback(self, replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
         """Ray's default: two random replicas, the shorter queue wins (Ray probes them)."""
-        self.decisions["fallback"] += 1
+        self._count("fallback")
         if not self._fallback_warned:
             self._fallback_warned = True
             log.warning("AparRouter: redis unavailable, falling back to power-of-two choice routing")
         return [random.sample(replicas, k=min(2, len(replicas)))]
 
+    def _count(self, reason: str) -> None:
+        """Decision counter, also exported as the Prometheus metric apar_router_decisions_total."""
+        self.decisions[reason] += 1
+        if self._metric is None:
+            try:
+                from ray.util.metrics import Counter as RayCounter
+
+                self._metric = RayCounter(
+                    "apar_router_decisions_total",
+                    "AparRouter routing decisions by reason (fallback = Redis unavailable)",
+                    tag_keys=("reason",),
+                )
+            except Exception:  # metrics are best effort (e.g. outside a Ray worker)
+                self._metric = False
+        if self._metric:
+            self._metric.inc(1, tags={"reason": reason})
+
+    def _local_queue(self) -> dict[str, int]:
+        """Requests this router has sent or is about to send, per replica."""
+        q = Counter(self._inflight)
+        now = time.monotonic()
+        for rid, (uid, t) in list(self._tentative.items()):
+            if now - t > 5.0:  # routing was abandoned (cancelled call)
+                del self._tentative[rid]
+            else:
+                q[uid] += 1
+        return dict(q)
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         rid = pending_request.metadata.internal_request_id
+        self._tentative.pop(rid, None)
         if rid not in self._sent_by_request:
             self._sent_by_request[rid] = replica_id.unique_id
             self._inflight[replica_id.unique_id] += 1
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        self._tentative.pop(internal_request_id, None)
         uid = self._sent_by_request.pop(internal_request_id, None)
         if uid is not None:
             self._inflight[uid] -= 1
