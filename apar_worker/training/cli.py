@@ -1,0 +1,84 @@
+"""`apar data build`, `apar train`, `apar eval`: the training recipe's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _fail(msg: str) -> int:
+    print(f"apar: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from apar_worker.training.data import DataConfig, build
+
+    cfg = DataConfig(seed=args.seed, paragraphs=args.paragraphs, cue_filter=not args.no_cue_filter)
+    if args.max_answer_chars is not None:
+        cfg.max_answer_chars = args.max_answer_chars
+    try:
+        stats = build(Path(args.out), cfg)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from apar_worker.training.train import load_config, train
+
+    path = Path(args.config)
+    if not path.is_file():
+        return _fail(f"config file {args.config!r} not found")
+    try:
+        cfg = load_config(path)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    info = train(cfg, progress=not args.quiet)
+    print(json.dumps({"model_dir": cfg.out_dir, **info}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from apar_worker.training.eval import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="training data (ShareGPT -> fork format)")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_sub.required = True
+    b = data_sub.add_parser("build", help="rewrite ShareGPT into the fork format, split, train the tokenizer")
+    b.add_argument("--out", default="data/sharegpt-apar", help="output directory (default: %(default)s)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default: 0)")
+    b.add_argument("--paragraphs", action="store_true", help="also fork 3+ paragraph prose answers")
+    b.add_argument("--no-cue-filter", action="store_true", help="keep turns whose prompt cue disagrees")
+    b.add_argument("--max-answer-chars", type=int, default=None, help="longest answer kept (default 2400)")
+    b.set_defaults(func=_data_build)
+
+    t = subparsers.add_parser("train", help="train an APAR model or its sequential twin from a YAML config")
+    t.add_argument("--config", required=True, help="YAML config, e.g. configs/apar-tiny.yaml")
+    t.add_argument("--steps", type=int, default=None, help="override the config's step count")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    e = subparsers.add_parser("eval", help="fork rate, step ratio and held-out loss vs a sequential twin")
+    e.add_argument("--model", default="apar-tiny", help="APAR model name or directory")
+    e.add_argument("--baseline", default="apar-tiny-seq", help="sequential twin name or directory")
+    e.add_argument(
+        "--prompts", default=None, help="JSON lines {id, kind, prompt} (default: shipped held-out)"
+    )
+    e.add_argument(
+        "--heldout", default=None, help="held-out answers (JSON lines from `apar data build`) for loss"
+    )
+    e.add_argument("--limit", type=int, default=None, help="at most this many prompts per kind")
+    e.add_argument("--max-tokens", type=int, default=640, help="generation budget per request")
+    e.add_argument("--json", default=None, help="also write the report here")
+    e.add_argument("--update-cards", action="store_true", help="write the figures into both model cards")
+    e.set_defaults(func=_eval)

@@ -1,0 +1,292 @@
+"""`apar train --config FILE`: train an APAR model (or its sequential twin) and export it.
+
+Both modes draw the same turns in the same order (seeded per step), so the twin sees exactly
+the answers the APAR model sees, only in reading order and without control tokens; the
+budget is the same number of steps and turns per step. Checkpoints (model + optimizer +
+step) make a run resumable; the final model is written as a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from apar_worker.training.data import DataConfig, Item, build, load_items, tree_from_dict
+from apar_worker.training.examples import (
+    IGNORE,
+    Example,
+    apar_examples,
+    plain_example,
+    seq_example,
+    special_ids,
+)
+from apar_worker.training.tokenizer import load_tokenizer, prompt_ids
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 704
+    max_position_embeddings: int = 1024
+    init_from: str | None = None  # a local HF checkpoint to fine-tune instead of training from scratch
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_turns: int = 8
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    micro_tokens: int = 4096
+    structured_share: float = 0.5
+    max_seq_len: int = 768
+    seed: int = 0
+    threads: int = 1
+    checkpoint_every: int = 100
+    max_minutes: float | None = None  # stop early (and say so in the model card) past this
+    device: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    name: str
+    mode: str  # "apar" | "seq"
+    data_dir: str = "data/sharegpt-apar"
+    out_dir: str = "runs/model"
+    run_dir: str = "runs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_config(path: Path) -> RunConfig:
+    raw = yaml.safe_load(path.read_text()) or {}
+    if raw.get("mode") not in ("apar", "seq"):
+        raise ValueError(f"{path}: mode must be 'apar' or 'seq', got {raw.get('mode')!r}")
+    try:
+        return RunConfig(
+            **{k: v for k, v in raw.items() if k not in ("model", "train", "data")},
+            model=ModelConfig(**(raw.get("model") or {})),
+            train=TrainConfig(**(raw.get("train") or {})),
+            data=DataConfig(**(raw.get("data") or {})),
+        )
+    except TypeError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def item_examples(tok, item: Item, mode: str, ids) -> list[Example]:
+    p = prompt_ids(tok, item.prompt)
+    if item.tree is None:
+        return [plain_example(tok, p, item.answer, ids)]
+    tree = tree_from_dict(item.tree)
+    return (
+        apar_examples(tok, p, tree, ids) if mode == "apar" else [seq_example(tok, p, tree, item.answer, ids)]
+    )
+
+
+def build_model(cfg: RunConfig, tok):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.model.init_from:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.init_from)
+        model.resize_token_embeddings(len(tok))
+        return model
+    m = cfg.model
+    conf = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        intermediate_size=m.intermediate_size,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(cfg.train.seed)
+    return LlamaForCausalLM(conf)
+
+
+def micro_batches(examples: list[Example], micro_tokens: int) -> list[list[Example]]:
+    """Group length-sorted examples so each padded micro-batch stays under micro_tokens."""
+    groups: list[list[Example]] = []
+    for ex in sorted(examples, key=len):
+        if groups and (len(groups[-1]) + 1) * len(ex) <= micro_tokens:
+            groups[-1].append(ex)
+        else:
+            groups.append([ex])
+    return groups
+
+
+def collate(group: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = max(len(e) for e in group)
+    inp = torch.full((len(group), n), pad_id, dtype=torch.long)
+    lab = torch.full((len(group), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(group), n), dtype=torch.long)
+    for i, e in enumerate(group):
+        inp[i, : len(e)] = torch.tensor(e.input_ids)
+        lab[i, : len(e)] = torch.tensor(e.labels)
+        mask[i, : len(e)] = 1
+    return inp.to(device), lab.to(device), mask.to(device)
+
+
+def loss_sum(model, inp: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over labelled positions, and how many there were.
+
+    Rows are right-padded, so under the causal mask no real token ever sees a pad: no padding
+    mask is needed, which keeps attention on the fast fused causal path.
+    """
+    logits = model(input_ids=inp).logits[:, :-1]
+    target = lab[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((target != IGNORE).sum())
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def prepare(cfg: RunConfig):
+    """Load (building if needed) the data and tokenizer; tokenise every training turn once."""
+    data_dir = Path(cfg.data_dir)
+    if not (data_dir / "train.jsonl").is_file():
+        build(data_dir, cfg.data)
+    tok = load_tokenizer(data_dir / "tokenizer")
+    ids = special_ids(tok)
+    pools: dict[str, list[list[Example]]] = {"structured": [], "unstructured": []}
+    for item in load_items(data_dir / "train.jsonl"):
+        exs = item_examples(tok, item, cfg.mode, ids)
+        if max(len(e) for e in exs) <= cfg.train.max_seq_len:
+            pools[item.kind].append(exs)
+    if not pools["structured"] or not pools["unstructured"]:
+        raise ValueError(f"{data_dir}: need both structured and unstructured training turns")
+    return tok, pools
+
+
+def sample_step(pools: dict[str, list[list[Example]]], t: TrainConfig, step: int) -> list[Example]:
+    """The step's turns depend only on (seed, step): both modes and resumed runs draw the same."""
+    rng = random.Random(t.seed * 1_000_003 + step)
+    out: list[Example] = []
+    for _ in range(t.batch_turns):
+        pool = pools["structured"] if rng.random() < t.structured_share else pools["unstructured"]
+        out += pool[rng.randrange(len(pool))]
+    return out
+
+
+def train(cfg: RunConfig, progress: bool = True) -> dict:
+    t = cfg.train
+    torch.set_num_threads(t.threads)
+    device = pick_device(t.device)
+    tok, pools = prepare(cfg)
+    model = build_model(cfg, tok).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "ckpt.pt"
+    step, history = 0, []
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        step, history = state["step"], state.get("history", [])
+    model.train()
+    start, tokens_seen, stopped_early = time.monotonic(), 0, False
+    bar = tqdm(total=t.steps, initial=step, disable=not progress, desc=cfg.name, mininterval=2.0)
+    while step < t.steps:
+        if t.max_minutes is not None and time.monotonic() - start > t.max_minutes * 60:
+            stopped_early = True
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, t)
+        examples = sample_step(pools, t, step)
+        n_label = sum(sum(lab != IGNORE for lab in e.labels[1:]) for e in examples)
+        total = 0.0
+        for group in micro_batches(examples, t.micro_tokens):
+            inp, lab, mask = collate(group, tok.pad_token_id, device)
+            loss, _ = loss_sum(model, inp, lab)
+            (loss / n_label).backward()
+            total += loss.item()
+            tokens_seen += int(mask.sum())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        history.append(round(total / n_label, 4))
+        tps = tokens_seen / max(1e-6, time.monotonic() - start)
+        bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{tps:.0f}")
+        bar.update(1)
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            save_checkpoint(ckpt, model, opt, step, history)
+    bar.close()
+    save_checkpoint(ckpt, model, opt, step, history)
+    info = {
+        "steps": step,
+        "planned_steps": t.steps,
+        "stopped_early": stopped_early,
+        "final_train_loss": round(sum(history[-20:]) / max(1, len(history[-20:])), 4),
+        "tokens_per_s": round(tokens_seen / max(1e-6, time.monotonic() - start), 1),
+    }
+    export(cfg, model, tok, info)
+    return info
+
+
+def save_checkpoint(path: Path, model, opt, step: int, history: list[float]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "history": history}, tmp
+    )
+    tmp.replace(path)
+
+
+def export(cfg: RunConfig, model, tok, info: dict) -> Path:
+    """Write a self-contained HF model directory: weights, config, tokenizer, generation config, card."""
+    from apar_worker.training.card import write_card
+
+    out = Path(cfg.out_dir)
+    if out.exists():
+        for p in out.iterdir():
+            if p.is_file():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.to("cpu").eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    data_stats = Path(cfg.data_dir) / "stats.json"
+    if data_stats.is_file():
+        shutil.copy(data_stats, out / "data_stats.json")
+    (out / "training.json").write_text(
+        json.dumps({"config": asdict(cfg), "result": info}, indent=2, default=str) + "\n"
+    )
+    write_card(out, cfg.name, cfg.mode, asdict(cfg), info)
+    return out
