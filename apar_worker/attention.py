@@ -11,6 +11,7 @@ forked branch sees exactly its ancestry. All index tensors are built once per st
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,48 +29,54 @@ MAX_BATCHED_QUERY = 8
 
 @dataclass
 class SeqSlice:
-    """One branch's part of the flat batch: tokens [start, end) and its full context slots."""
+    """One branch's part of the flat batch: tokens [start, end) at positions from `first_position`."""
 
     start: int
     end: int
-    context_slots: list[int]  # cache slot of every context position, new tokens included
+    block_table: list[int]  # covers every context position, new tokens included
     first_position: int  # position of token `start` (== number of cached tokens before it)
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] slot written by each new token
+    slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) of each new token
     num_tokens: int
     # Batched short-query group (None when empty).
     dec_q_idx: torch.Tensor | None = None  # [B, Q] flat token index (padded)
-    dec_kv_slots: torch.Tensor | None = None  # [B, L] cache slots (padded)
-    dec_mask: torch.Tensor | None = None  # [B, 1, Q, L] True = attend
+    dec_blocks: torch.Tensor | None = None  # [B * NB] block ids, each row padded to NB blocks
+    dec_shape: tuple[int, int] = (0, 0)  # (B, NB)
+    dec_mask: torch.Tensor | None = None  # [B, 1, Q, NB * block_size] additive (0 / -inf)
     dec_valid: torch.Tensor | None = None  # [B*Q] which padded query rows are real
     dec_tok: torch.Tensor | None = None  # [N] flat token index of each real row
-    # Long-query sequences: (start, end, kv slots [L], mask [1, q, L] or None if plainly causal)
-    long: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] | None = None
+    # Long-query sequences: (start, end, blocks [NB], context length, mask [1, q, L] or None if causal)
+    long: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]] | None = None
     attended_tokens: int = 0  # sum over query tokens of keys attended (attention work metric)
 
     @classmethod
-    def build(cls, seqs: list[SeqSlice], device: torch.device) -> AttentionMetadata:
+    def build(cls, seqs: list[SeqSlice], block_size: int, device: torch.device) -> AttentionMetadata:
         slot_mapping: list[int] = []
         short: list[SeqSlice] = []
-        long: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
+        long = []
         attended = 0
+        bs = block_size
         for s in seqs:
             n = s.end - s.start
-            ctx = len(s.context_slots)
-            slot_mapping.extend(s.context_slots[s.first_position : s.first_position + n])
+            table = s.block_table
+            slot_mapping.extend(
+                table[p // bs] * bs + p % bs for p in range(s.first_position, s.first_position + n)
+            )
             attended += n * s.first_position + n * (n + 1) // 2
             if n <= MAX_BATCHED_QUERY:
                 short.append(s)
                 continue
-            slots = torch.tensor(s.context_slots, dtype=torch.long, device=device)
+            ctx = s.first_position + n
+            blocks = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=device)
             mask = None
             if s.first_position > 0:
-                qpos = torch.arange(s.first_position, s.first_position + n, device=device)
-                mask = (torch.arange(ctx, device=device)[None, :] <= qpos[:, None])[None]
-            long.append((s.start, s.end, slots, mask))
+                qpos = torch.arange(s.first_position, ctx, device=device)
+                allowed = torch.arange(ctx, device=device)[None, :] <= qpos[:, None]
+                mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, -math.inf)[None]
+            long.append((s.start, s.end, blocks, ctx, mask))
         meta = cls(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             num_tokens=len(slot_mapping),
@@ -77,28 +84,32 @@ class AttentionMetadata:
             attended_tokens=attended,
         )
         if short:
-            meta._build_short(short, device)
+            meta._build_short(short, bs, device)
         return meta
 
-    def _build_short(self, seqs: list[SeqSlice], device: torch.device) -> None:
+    def _build_short(self, seqs: list[SeqSlice], bs: int, device: torch.device) -> None:
         b = len(seqs)
         q = max(s.end - s.start for s in seqs)
-        lmax = max(len(s.context_slots) for s in seqs)
+        nb = max(-(-(s.first_position + s.end - s.start) // bs) for s in seqs)
         q_idx = torch.zeros((b, q), dtype=torch.long)
-        qpos = torch.zeros((b, q), dtype=torch.long)
+        qpos = torch.full((b, q), 0, dtype=torch.long)
         valid = torch.zeros((b, q), dtype=torch.bool)
-        kv = torch.zeros((b, lmax), dtype=torch.long)
+        blocks = []
         for i, s in enumerate(seqs):
             n = s.end - s.start
             q_idx[i, :n] = torch.arange(s.start, s.end)
             qpos[i, :n] = torch.arange(s.first_position, s.first_position + n)
             valid[i, :n] = True
-            kv[i, : len(s.context_slots)] = torch.tensor(s.context_slots, dtype=torch.long)
+            row = s.block_table[: -(-(s.first_position + n) // bs)]
+            blocks.extend(row)
+            blocks.extend([row[0]] * (nb - len(row)))  # padding: masked out below
         # Padded query rows get position 0: they attend to one key (no NaN) and are dropped.
-        mask = torch.arange(lmax)[None, None, :] <= qpos[:, :, None]
+        allowed = torch.arange(nb * bs)[None, None, :] <= qpos[:, :, None]
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, -math.inf)
         valid_flat = valid.reshape(-1)
         self.dec_q_idx = q_idx.to(device)
-        self.dec_kv_slots = kv.to(device)
+        self.dec_blocks = torch.tensor(blocks, dtype=torch.long, device=device)
+        self.dec_shape = (b, nb)
         self.dec_mask = mask[:, None].to(device)
         self.dec_valid = valid_flat.to(device)
         self.dec_tok = q_idx.reshape(-1)[valid_flat].to(device)
@@ -129,28 +140,31 @@ def paged_attention(
     cache = FORWARD_CONTEXT.kv_cache
     if meta is None or cache is None:
         raise RuntimeError("paged attention called outside an engine step")
-    layer = cache.data[module.layer_idx]
-    k_cache, v_cache = layer[0], layer[1]
-    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    k_cache, v_cache = cache.layer(module.layer_idx)  # [KVH, blocks, bs, D]
+    kvh, num_blocks, bs, head_dim = k_cache.shape
+    k_flat = k_cache.view(kvh, num_blocks * bs, head_dim)
+    v_flat = v_cache.view(kvh, num_blocks * bs, head_dim)
+    k_flat.index_copy_(1, meta.slot_mapping, key[0].to(k_flat.dtype))
+    v_flat.index_copy_(1, meta.slot_mapping, value[0].to(v_flat.dtype))
 
     q = query[0]  # [H, T, D]
-    num_heads, _, head_dim = q.shape
-    gqa = num_heads != k_cache.shape[1]
+    num_heads = q.shape[0]
+    gqa = num_heads != kvh
     out = q.new_empty((meta.num_tokens, num_heads, head_dim))
     if meta.dec_q_idx is not None:
-        qb = q[:, meta.dec_q_idx].permute(1, 0, 2, 3)  # [B, H, Q, D]
-        kb = k_cache[meta.dec_kv_slots].permute(0, 2, 1, 3)  # [B, KVH, L, D]
-        vb = v_cache[meta.dec_kv_slots].permute(0, 2, 1, 3)
+        b, nb = meta.dec_shape
+        qb = q[:, meta.dec_q_idx].transpose(0, 1)  # [B, H, Q, D]
+        kb = k_cache.index_select(1, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
+        vb = v_cache.index_select(1, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
         ob = F.scaled_dot_product_attention(
             qb, kb, vb, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa
         )
-        ob = ob.permute(0, 2, 1, 3).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
+        ob = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
         out[meta.dec_tok] = ob[meta.dec_valid]
-    for start, end, slots, mask in meta.long or ():
+    for start, end, blocks, ctx, mask in meta.long or ():
         qs = q[None, :, start:end]
-        ks = k_cache[slots].transpose(0, 1)[None]
-        vs = v_cache[slots].transpose(0, 1)[None]
+        ks = k_cache.index_select(1, blocks).view(kvh, -1, head_dim)[None, :, :ctx]
+        vs = v_cache.index_select(1, blocks).view(kvh, -1, head_dim)[None, :, :ctx]
         os_ = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
         )

@@ -31,7 +31,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object with text and branches")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--server", default=None, metavar="HOST:PORT", help="call an `apar serve` cluster over gRPC")
+    p.add_argument(
+        "--server", default=None, metavar="HOST:PORT", help="call an `apar serve` cluster over gRPC"
+    )
     p.add_argument("--session-id", default=None, help="conversation id for replica affinity (--server)")
 
 
@@ -50,7 +52,11 @@ def build_request(args: argparse.Namespace, stream: bool) -> GenerateRequest:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    kw = {"prompt": args.prompt} if args.raw_prompt else {"messages": [{"role": "user", "content": args.prompt}]}
+    kw = (
+        {"prompt": args.prompt}
+        if args.raw_prompt
+        else {"messages": [{"role": "user", "content": args.prompt}]}
+    )
     return GenerateRequest(
         sampling=sampling, fork=not args.no_fork, max_branches=args.max_branches, stream=stream, **kw
     )

@@ -208,7 +208,7 @@ class Engine:
             offset = len(input_ids)
             input_ids.extend(br.tokens[start : start + n])
             positions.extend(range(start, start + n))
-            seqs.append(SeqSlice(offset, offset + n, br.slots[: start + n], start))
+            seqs.append(SeqSlice(offset, offset + n, br.block_table, start))
             if sb.sample:
                 sample_rows.append(offset + n - 1)
                 sampled.append((sb.request, br))
@@ -311,7 +311,7 @@ class Engine:
         shared = parent.block_table[: -(-min(p, parent.num_computed) // bs)]
         for block in shared:
             self.pool.incref(block)
-        child.set_table(list(shared), bs)
+        child.block_table = list(shared)
         child.num_computed = min(p, parent.num_computed)
         child.block_hashes = parent.block_hashes[: child.num_computed // bs]
         parent.children[child.fork_index] = child

@@ -85,10 +85,12 @@ def chain_hash(prev: int | None, tokens: list[int]) -> int:
 
 
 class KVCache:
-    """The tensors behind the pool: one [layers, 2, slots, kv_heads, head_dim] buffer.
+    """The tensors behind the pool: one [layers, 2, kv_heads, blocks, block_size, head_dim] buffer.
 
-    A slot is `block * block_size + offset`; keeping every layer in one tensor lets a
-    copy-on-write copy a block for all layers in one indexing operation.
+    Head-major blocks match the [kv_heads, tokens, head_dim] layout HF hands to attention:
+    new K/V are written with one index_copy_ and a branch's context is read with one
+    block-granular index_select (whole blocks are contiguous, far cheaper than per-slot
+    gathers). One tensor for all layers lets copy-on-write copy a block in one operation.
     """
 
     def __init__(
@@ -102,19 +104,23 @@ class KVCache:
         device: torch.device,
     ) -> None:
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.data = torch.zeros(
-            (num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim), dtype=dtype, device=device
+            (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim), dtype=dtype, device=device
         )
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of one layer, each [kv_heads, blocks, block_size, head_dim]."""
+        kv = self.data[index]
+        return kv[0], kv[1]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (src, dst) blocks for every layer: the data half of copy-on-write."""
         if not pairs:
             return
-        bs = self.block_size
-        offsets = torch.arange(bs)
-        src = torch.cat([offsets + s * bs for s, _ in pairs]).to(self.data.device)
-        dst = torch.cat([offsets + d * bs for _, d in pairs]).to(self.data.device)
-        self.data[:, :, dst] = self.data[:, :, src]
+        src = torch.tensor([s for s, _ in pairs], device=self.data.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.data.device)
+        self.data[:, :, :, dst] = self.data[:, :, :, src]
 
     @staticmethod
     def bytes_per_block(

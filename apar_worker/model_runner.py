@@ -79,7 +79,7 @@ class ModelRunner:
         self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice], sample_rows: list[int]
     ) -> torch.Tensor:
         """Run one step; returns float32 logits [len(sample_rows), vocab]."""
-        meta = AttentionMetadata.build(seqs, self.device)
+        meta = AttentionMetadata.build(seqs, self.kv_cache.block_size, self.device)
         self.last_attended_tokens = meta.attended_tokens
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)

@@ -75,7 +75,6 @@ class Scheduler:
 
     def free_branch(self, br: Branch) -> None:
         self.pool.free_table(br.block_table)
-        br.slots = []
         br.block_hashes = []
 
     def has_work(self) -> bool:
@@ -151,7 +150,7 @@ class Scheduler:
                 table = hits[id(br)]
                 for b in table:
                     self.pool.incref(b)
-                br.set_table(list(table), self.block_size)
+                br.block_table = list(table)
                 br.num_computed = len(table) * self.block_size
                 br.update_block_hashes(self.block_size)
                 if br.parent is None and state.num_preemptions == 0:
@@ -194,10 +193,10 @@ class Scheduler:
             old = br.block_table[idx]
             new = self.pool.allocate()
             self.pool.decref(old)
-            br.replace_block(idx, new, bs)
+            br.block_table[idx] = new
             copies.setdefault(id(br), []).append((old, new))
         for _ in range(need_new):
-            br.append_block(self.pool.allocate(), bs)
+            br.block_table.append(self.pool.allocate())
         return True
 
     def _preempt(self, state: RequestState, per_branch: dict, copies: dict, out: SchedulerOutput) -> None:

@@ -31,7 +31,6 @@ class Branch:
     fork_index: int | None = None  # index of its [Fork] in the parent's output_ids
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)  # cache slot of every position covered by the table
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks, in order
     children: dict[int, Branch] = field(default_factory=dict)  # output index of [Fork] -> child
     finish_reason: FinishReason | None = None
@@ -52,20 +51,6 @@ class Branch:
     @property
     def num_pending(self) -> int:
         return len(self.tokens) - self.num_computed
-
-    def set_table(self, table: list[int], block_size: int) -> None:
-        self.block_table = table
-        self.slots = [b * block_size + o for b in table for o in range(block_size)]
-
-    def append_block(self, block: int, block_size: int) -> None:
-        self.block_table.append(block)
-        self.slots.extend(range(block * block_size, (block + 1) * block_size))
-
-    def replace_block(self, index: int, block: int, block_size: int) -> None:
-        self.block_table[index] = block
-        self.slots[index * block_size : (index + 1) * block_size] = range(
-            block * block_size, (block + 1) * block_size
-        )
 
     def update_block_hashes(self, block_size: int) -> list[tuple[int, int]]:
         """Hash blocks that became full; returns (block, hash) pairs to register."""
