@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+import urllib.request
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -138,6 +141,7 @@ class StandInKubeAPI:
         self.resources = list(resources)
         self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}  # (gv, plural, ns, name)
         self.requests: list[tuple[str, str]] = []
+        self.checkpoints: list[list[dict[str, Any]]] = []  # created() at each GET /_standin/checkpoint
         self._lock = threading.Lock()
         self._rv = itertools.count(1)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -241,6 +245,9 @@ class StandInKubeAPI:
         path = url.path.rstrip("/") or "/"
         with self._lock:
             self.requests.append((method, raw_path))
+        if path == "/_standin/checkpoint":
+            self.checkpoints.append(self.created())
+            return 200, {"checkpoints": len(self.checkpoints)}
         if method == "GET":
             found = self._discovery(path)
             if found is not None:
@@ -335,11 +342,106 @@ class StandInKubeAPI:
         return Handler
 
 
-# ---- the two Helm verbs the tests use ---------------------------------------------------------
+# ---- Helm calls -----------------------------------------------------------------------------------
+#
+# Helm's Go library reads its environment once, when the process starts, and stores release records
+# as protobuf Secrets unless HELM_DRIVER=memory. So every Helm call runs in a short child Python
+# process started with HELM_DRIVER=memory; the stand-in API server stays in this process.
 
 
 def helm_binary() -> str | None:
     return shutil.which("helm")
+
+
+class RenderError(Exception):
+    """Helm refused to render/install the chart (its message is kept verbatim)."""
+
+
+def _run_helm(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run Helm jobs in one child process: per job {"results": [...]} or {"error": message}.
+
+    A job is {"kubeconfig", "namespace", "ops": [{"verb": install|upgrade|lint, ...}]}; its ops run
+    in order on one Helm Configuration (so an upgrade sees the release its install made).
+    """
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HELM_DRIVER": "memory"},
+    )
+    try:
+        replies = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise RuntimeError(
+            f"helm child process failed (rc {proc.returncode}): {proc.stderr[-2000:]}"
+        ) from None
+    return replies
+
+
+def _child_main() -> None:
+    """Child side of `_run_helm`: prints one JSON line with a reply per job."""
+    import helm_sdkpy
+
+    replies = []
+    for job in json.load(sys.stdin):
+        config = helm_sdkpy.Configuration(namespace=job["namespace"], kubeconfig=job["kubeconfig"])
+        results: list[Any] = []
+        try:
+            for op in job["ops"]:
+                if op["verb"] == "lint":
+                    results.append(asyncio.run(helm_sdkpy.Lint(config).run(op["chart"])))
+                    continue
+                action = helm_sdkpy.Install if op["verb"] == "install" else helm_sdkpy.Upgrade
+                rel = asyncio.run(
+                    action(config).run(
+                        op["release"], op["chart"], values=op["values"] or None, wait=False, timeout=60
+                    )
+                )
+                results.append({"manifest": rel.get("manifest", "")})
+                if op.get("checkpoint"):  # tell the stand-in server to snapshot what exists now
+                    urllib.request.urlopen(op["checkpoint"], timeout=10).read()
+            replies.append({"results": results})
+        except helm_sdkpy.HelmError as exc:
+            replies.append({"error": str(exc)})
+        finally:
+            del config
+    print(json.dumps(replies))
+
+
+def render_many(
+    chart: Path, value_sets: list[dict[str, Any]], release: str = "apar", namespace: str = "apar"
+) -> list[list[dict] | RenderError]:
+    """`render` for several value sets at once (one Helm process, one stand-in API per set)."""
+    if helm_binary():
+        out: list[list[dict] | RenderError] = []
+        for values in value_sets:
+            try:
+                out.append(_render_with_binary(chart, values, release, namespace))
+            except RenderError as exc:
+                out.append(exc)
+        return out
+    apis = [StandInKubeAPI() for _ in value_sets]
+    for api in apis:
+        api.__enter__()
+    try:
+        jobs = [
+            {
+                "kubeconfig": api.kubeconfig(namespace),
+                "namespace": namespace,
+                "ops": [{"verb": "install", "release": release, "chart": str(chart), "values": values}],
+            }
+            for api, values in zip(apis, value_sets, strict=True)
+        ]
+        replies = _run_helm(jobs)
+        return [
+            RenderError(r["error"]) if "error" in r else api.created()
+            for api, r in zip(apis, replies, strict=True)
+        ]
+    finally:
+        for api in apis:
+            api.__exit__(None, None, None)
 
 
 def render(chart: Path, values: dict[str, Any], release: str = "apar", namespace: str = "apar") -> list[dict]:
@@ -347,21 +449,30 @@ def render(chart: Path, values: dict[str, Any], release: str = "apar", namespace
 
     Raises `RenderError` with Helm's message when Helm refuses (e.g. values.schema.json).
     """
-    if helm_binary():
-        return _render_with_binary(chart, values, release, namespace)
-    import helm_sdkpy
+    (result,) = render_many(chart, [values], release, namespace)
+    if isinstance(result, RenderError):
+        raise result
+    return result
 
+
+def install_then_upgrade(
+    chart: Path,
+    values: dict[str, Any],
+    new_values: dict[str, Any],
+    release: str = "apar",
+    namespace: str = "apar",
+) -> tuple[list[dict], list[dict]]:
+    """`helm install` then `helm upgrade` (new values) against one stand-in API: objects after each."""
     with StandInKubeAPI() as api:
-        config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=api.kubeconfig(namespace))
-        try:
-            asyncio.run(
-                helm_sdkpy.Install(config).run(release, str(chart), values=values or None, wait=False, timeout=60)
-            )
-        except helm_sdkpy.HelmError as exc:
-            raise RenderError(str(exc)) from exc
-        finally:
-            del config
-        return api.created()
+        ops = [
+            {"verb": "install", "release": release, "chart": str(chart), "values": values},
+            {"verb": "upgrade", "release": release, "chart": str(chart), "values": new_values},
+        ]
+        ops[0]["checkpoint"] = f"{api.url}/_standin/checkpoint"
+        (reply,) = _run_helm([{"kubeconfig": api.kubeconfig(namespace), "namespace": namespace, "ops": ops}])
+        if "error" in reply:
+            raise RenderError(reply["error"])
+        return api.checkpoints[0], api.created()
 
 
 def _render_with_binary(chart: Path, values: dict[str, Any], release: str, namespace: str) -> list[dict]:
@@ -383,18 +494,17 @@ def _render_with_binary(chart: Path, values: dict[str, Any], release: str, names
 
 
 def lint(chart: Path) -> dict[str, Any]:
-    """`helm lint` the chart with its default values: returns {"messages": [...], ...}."""
+    """`helm lint` the chart with its default values (offline): Helm's lint result."""
     if helm_binary():
         proc = subprocess.run(["helm", "lint", str(chart)], capture_output=True, text=True, timeout=120)
         return {"ok": proc.returncode == 0, "output": proc.stdout + proc.stderr}
-    import helm_sdkpy
+    (reply,) = _run_helm(
+        [{"kubeconfig": None, "namespace": "default", "ops": [{"verb": "lint", "chart": str(chart)}]}]
+    )
+    if "error" in reply:
+        raise RenderError(reply["error"])
+    return reply["results"][0]
 
-    config = helm_sdkpy.Configuration(namespace="apar")
-    try:
-        return asyncio.run(helm_sdkpy.Lint(config).run(str(chart)))
-    finally:
-        del config
 
-
-class RenderError(Exception):
-    """Helm refused to render/install the chart (its message is kept verbatim)."""
+if __name__ == "__main__":
+    _child_main()

@@ -121,6 +121,9 @@ Keys Helm drops when a user sets them to null are put back as null.
 {{- if and (gt (float64 .Values.apar.worker.num_gpus) 0.0) (eq (int $w.gpus) 0) -}}
 {{- fail "apar.worker.num_gpus > 0 needs GPU worker pods: set rayCluster.workers.gpus > 0" -}}
 {{- end -}}
+{{- if and (ne .Values.modelSource.type "image") (ne (toString (index .Values.rayCluster.head.rayStartParams "num-cpus")) "0") -}}
+{{- fail "rayCluster.head.rayStartParams.num-cpus must stay \"0\" with a pvc/objectStorage model: only worker pods get the model, so no replica may run on the head" -}}
+{{- end -}}
 {{- if .Values.apar.redis.url -}}
 {{- fail "apar.redis.url must stay null in the chart: configure Redis under redis.deploy / redis.external (the URL reaches the pods as $APAR_REDIS_URL from a Secret)" -}}
 {{- end -}}
@@ -155,7 +158,7 @@ Keys Helm drops when a user sets them to null are put back as null.
 {{- end }}
 {{- end -}}
 
-{{/* Writable paths of the read-only Ray containers and the model volume. */}}
+{{/* Writable paths of the read-only Ray containers, and the model volume (workers only: `models`). */}}
 {{- define "apar-serve.rayVolumeMounts" -}}
 - name: tmp
   mountPath: /tmp
@@ -163,7 +166,7 @@ Keys Helm drops when a user sets them to null are put back as null.
   mountPath: /tmp/ray
 - name: dshm
   mountPath: /dev/shm
-{{- if ne .root.Values.modelSource.type "image" }}
+{{- if and .models (ne .root.Values.modelSource.type "image") }}
 - name: models
   mountPath: {{ .root.Values.modelSource.mountPath }}
   readOnly: true
@@ -180,7 +183,8 @@ Keys Helm drops when a user sets them to null are put back as null.
     medium: Memory
     sizeLimit: {{ .shmSize }}
 {{- $src := .root.Values.modelSource }}
-{{- if eq $src.type "pvc" }}
+{{- if not .models }}
+{{- else if eq $src.type "pvc" }}
 - name: models
   persistentVolumeClaim:
     claimName: {{ $src.pvc.claimName }}
