@@ -1,0 +1,166 @@
+"""AsyncEngine streaming/cancel, sampling determinism, stop strings, and the `apar generate` CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from engine_utils import make_model, make_tokenizer
+
+from apar_worker.async_engine import AsyncEngine
+from apar_worker.engine import Engine, EngineConfig
+from apar_worker.sampling import apply_repetition_penalty
+from apar_worker.types import BranchEvent, GenerateRequest, InvalidRequestError, RequestOutput, SamplingParams
+from cluster.cli import main as apar_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_engine(**kw) -> Engine:
+    return Engine.from_model(make_model("llama", seed=11), make_tokenizer(), EngineConfig(num_blocks=128, **kw))
+
+
+def test_async_engine_streams_events_before_the_end_and_cancel_frees_blocks():
+    async def scenario():
+        aeng = AsyncEngine(engine=small_engine())
+        try:
+            req = GenerateRequest(prompt_token_ids=[5, 6, 7], stream=True,
+                                  sampling=SamplingParams(max_tokens=20, ignore_eos=True))
+            items = [item async for item in aeng.generate(req)]
+            assert isinstance(items[-1], RequestOutput) and items[-1].num_tokens == 20
+            events = [i for i in items[:-1] if isinstance(i, BranchEvent)]
+            assert len(events) == 20 and all(e.new_token_ids for e in events)
+            assert "".join(e.delta_text for e in events).strip() == items[-1].text.strip()
+
+            long = GenerateRequest(prompt_token_ids=[8, 9], sampling=SamplingParams(max_tokens=500, ignore_eos=True))
+            seen = 0
+            async for _item in aeng.generate(long):
+                seen += 1
+                if seen == 5:
+                    break  # the client goes away mid-stream
+            for _ in range(100):
+                stats = aeng.stats()
+                if stats.free_blocks == stats.total_blocks and stats.running_requests == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert stats.free_blocks == stats.total_blocks
+
+            with pytest.raises(InvalidRequestError):
+                async for _ in aeng.generate(GenerateRequest(prompt="")):
+                    pass
+        finally:
+            await aeng.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_async_engine_cancel_by_id_ends_request_as_cancelled():
+    async def scenario():
+        aeng = AsyncEngine(engine=small_engine())
+        try:
+            req = GenerateRequest(prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=400, ignore_eos=True))
+            final = None
+            async for item in aeng.generate(req):
+                if isinstance(item, BranchEvent) and item.new_token_ids:
+                    await aeng.cancel(req.request_id)
+                if isinstance(item, RequestOutput):
+                    final = item
+            assert final is not None and final.finish_reason == "cancelled" and final.num_tokens < 400
+            assert aeng.stats().free_blocks == aeng.stats().total_blocks
+        finally:
+            await aeng.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_seeded_sampling_is_independent_of_batch_composition():
+    params = dict(max_tokens=16, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = small_engine().generate([GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(**params))])
+    others = [GenerateRequest(prompt_token_ids=list(range(9, 9 + n)), sampling=SamplingParams(max_tokens=10, temperature=1.0))
+              for n in (3, 17, 30)]
+    mixed = small_engine().generate(
+        [others[0], GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(**params)), *others[1:]]
+    )
+    assert alone[0].branches[0].token_ids == mixed[1].branches[0].token_ids
+    other_seed = small_engine().generate(
+        [GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(**{**params, "seed": 99}))]
+    )
+    assert other_seed[0].branches[0].token_ids != alone[0].branches[0].token_ids
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy():
+    greedy = small_engine().generate([GenerateRequest(prompt_token_ids=[4, 5], sampling=SamplingParams(max_tokens=12, ignore_eos=True))])
+    topk = small_engine().generate([GenerateRequest(prompt_token_ids=[4, 5], sampling=SamplingParams(
+        max_tokens=12, temperature=1.5, top_k=1, seed=3, ignore_eos=True))])
+    topp = small_engine().generate([GenerateRequest(prompt_token_ids=[4, 5], sampling=SamplingParams(
+        max_tokens=12, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True))])
+    assert greedy[0].branches[0].token_ids == topk[0].branches[0].token_ids == topp[0].branches[0].token_ids
+
+
+def test_repetition_penalty_follows_hf_semantics():
+    row = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    apply_repetition_penalty(row, [0, 1, 1], 2.0)
+    assert row.tolist() == [1.0, -4.0, 1.0, 0.5]
+
+
+def test_stop_string_ends_the_branch_and_is_cut_from_the_text():
+    eng = small_engine()
+    base = eng.generate([GenerateRequest(prompt_token_ids=[5, 6, 7], fork=False,
+                                         sampling=SamplingParams(max_tokens=12, ignore_eos=True))])[0]
+    words = base.text.split()
+    stop = words[6]
+    stopped = small_engine().generate([GenerateRequest(prompt_token_ids=[5, 6, 7], fork=False,
+                                                       sampling=SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]))])[0]
+    assert stopped.finish_reason == "stop"
+    assert stop not in stopped.text
+    assert base.text.startswith(stopped.text.rstrip())
+    assert stopped.num_tokens < 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", seed=12).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_generate_json(model_dir, capsys):
+    rc = apar_main(["generate", "--model", str(model_dir), "--prompt", "w5 w6 w7", "--raw-prompt",
+                    "--max-tokens", "7", "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) >= {"text", "branches", "steps", "num_tokens", "latency_s"}
+    assert data["num_tokens"] <= 7 and data["steps"] >= 1
+    assert set(data["branches"][0]) == {"id", "parent", "text", "num_tokens", "finish_reason"}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--max-tokens", "0"], ["--max-tokens", "-4"], ["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"],
+     ["--prompt", ""], ["--model", "/nonexistent/model"], ["--max-tokens", "many"]],
+)
+def test_cli_bad_input_exits_2_with_one_line(model_dir, capsys, extra):
+    args = ["generate", "--model", str(model_dir), "--prompt", "w5 w6", "--raw-prompt", *extra]
+    try:
+        rc = apar_main(args)
+    except SystemExit as exc:  # argparse type errors
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err and len(err.splitlines()) == 1, err
+
+
+def test_cli_entry_point_as_a_process(model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "generate", "--model", str(model_dir), "--prompt", "w5",
+         "--raw-prompt", "--max-tokens", "0"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("apar: error:") and len(proc.stderr.strip().splitlines()) == 1
