@@ -47,9 +47,12 @@ class GrpcError(Exception):
     """Ends a call with a gRPC status code and a message for the client."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
+        super().__init__(code, message)  # both in args: Ray pickles it back to the proxy
         self.code = code
         self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _status_of(out: RequestOutput, req: GenerateRequest, timeout_s: float) -> GrpcError | None:
@@ -168,7 +171,10 @@ class AparIngress:
                     raise err
                 yield pb.GenerateStreamResponse(request_id=req.request_id, final=to_response(item, replica))
         except GrpcError as err:
+            # A stream carries the context to the proxy only with a message or an exception;
+            # raising after set_code makes Ray Serve keep our code and details.
             _set(grpc_context, err)
+            raise
 
     async def Cancel(self, request: pb.CancelRequest, grpc_context: RayServegRPCContext) -> pb.CancelResponse:
         """Cancels a request this ingress replica is serving (the request_id the client chose)."""
