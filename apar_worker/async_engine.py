@@ -33,7 +33,13 @@ class AsyncEngine:
         while not self._stopped:
             with self._lock:
                 busy = self.engine.has_unfinished()
-                items = self.engine.step() if busy else []
+                try:
+                    items = self.engine.step() if busy else []
+                except Exception:  # keep serving: fail what is in flight, never kill the loop
+                    log.exception("engine step raised; failing in-flight requests")
+                    for rid in list(self.engine.requests):
+                        self.engine.abort(rid, "error")
+                    items = []
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
