@@ -159,7 +159,7 @@ def pruned_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]
                 out += pruned_fields(v, props[k], f"{path}.{k}")
             elif isinstance(addl, dict):
                 out += pruned_fields(v, addl, f"{path}.{k}")
-            elif props is not None and path != "" and not (path == ".metadata"):
+            elif props is not None:
                 out.append(f"{path}.{k}")
         return out
     if isinstance(obj, list) and isinstance(schema.get("items"), dict):
@@ -168,10 +168,12 @@ def pruned_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]
 
 
 def expected_serve_config(name: str) -> dict[str, Any]:
-    """What `apar serve --config FILE [--model PATH]` deploys, FILE holding the values' `apar:` block."""
-    chart_defaults = yaml.safe_load((CHART / "values.yaml").read_text())["apar"]
-    apar_block = app_config._merge(chart_defaults, VALUE_SETS[name].get("apar", {}))
-    cfg = app_config.load_config_dict(apar_block, model=IN_POD_MODEL.get(name))
+    """What `apar serve --config FILE [--model PATH]` deploys, FILE holding the values' `apar:` block.
+
+    The chart's `apar:` defaults are cluster/default_config.yaml (test below), so Helm merging the
+    block over them is what `load_config` does with FILE.
+    """
+    cfg = app_config.load_config_dict(VALUE_SETS[name].get("apar"), model=IN_POD_MODEL.get(name))
     return app_config.to_serve_deploy_dict(cfg)
 
 
