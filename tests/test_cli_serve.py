@@ -1,0 +1,124 @@
+"""Acceptance 6: `apar serve` -> `apar generate --server` -> Ctrl-C, as a user runs them.
+
+`apar serve` is started exactly as the README says (it starts its own redis-server); the client
+is the `apar generate` command; SIGINT must stop everything (Ray, the gRPC port, Redis) and exit
+0. Bad flags and configs exit 2 with one line on stderr before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+import redis
+from conftest import apar_command, require_model, start_serve, stop_serve, subprocess_env
+
+from cluster.cli_serve import state_file
+from cluster.redis_server import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _apar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*apar_command(), *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env()
+    )
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_serve_generate_ctrl_c(tmp_path):
+    model = require_model()
+    grpc_port, http_port = free_port(), free_port()
+    env_url = os.environ.pop("APAR_REDIS_URL", None)  # the README flow: serve starts its own Redis
+    try:
+        proc = start_serve(
+            [
+                "--model",
+                model,
+                "--replicas",
+                "1",
+                "--grpc-port",
+                str(grpc_port),
+                "--http-port",
+                str(http_port),
+            ],
+            tmp_path / "serve.log",
+        )
+    finally:
+        if env_url is not None:
+            os.environ["APAR_REDIS_URL"] = env_url
+    try:
+        log = (tmp_path / "serve.log").read_text()
+        assert f"127.0.0.1:{grpc_port}" in log and "(started)" in log
+        redis_url = json.loads(state_file(grpc_port).read_text())["redis_url"]
+
+        out = _apar("generate", "--server", f"127.0.0.1:{grpc_port}", "--prompt", "What are some tips for staying healthy?",
+                    "--max-tokens", "96", "--json")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)
+        assert answer["text"] and answer["branches"] and answer["finish_reason"] in ("stop", "length")
+        assert 0 < answer["num_tokens"] <= 96 and answer["replica_id"]
+
+        plain = _apar(
+            "generate", "--server", f"127.0.0.1:{grpc_port}", "--prompt", "Hello!", "--max-tokens", "8"
+        )
+        assert plain.returncode == 0 and plain.stdout.strip(), plain.stderr
+
+        bad = _apar(
+            "generate", "--server", f"127.0.0.1:{grpc_port}", "--prompt", "Hello!", "--max-tokens", "99999"
+        )
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "INVALID_ARGUMENT" in bad.stderr
+
+        status = _apar("status", "--grpc-port", str(grpc_port))
+        assert status.returncode == 0, status.stderr
+        assert ": ok" in status.stdout and "1 worker replica(s)" in status.stdout
+    finally:
+        started = time.monotonic()
+        rc = stop_serve(proc)
+    assert rc == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert time.monotonic() - started < 60
+    assert "stopping" in (tmp_path / "serve.log").read_text()
+    assert not _port_open(grpc_port), "the gRPC proxy must be gone"
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()  # its redis-server stopped too
+    assert not state_file(grpc_port).exists()
+    down = _apar("generate", "--server", f"127.0.0.1:{grpc_port}", "--prompt", "Hello!")
+    assert down.returncode == 1 and "unavailable" in down.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--replicas", "0"], "worker.num_replicas"),
+        (["--grpc-port", "70000"], "grpc.port"),
+        (["--model", "no-such-model"], "no-such-model"),
+        (["--redis-url", "http://x"], "redis.url"),
+        (["--config", "/nonexistent.yaml"], "cannot read config file"),
+    ],
+)
+def test_serve_bad_input_exits_2_with_one_line(args, needle):
+    out = _apar("serve", *args, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+
+
+def test_serve_bad_config_file(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("engine:\n  block_size: sixteen\n")
+    out = _apar("serve", "--config", str(cfg), timeout=60)
+    assert (
+        out.returncode == 2
+        and out.stderr.strip() == "apar: error: engine.block_size: expected an integer, got 'sixteen'"
+    )
+    cfg.write_text("engine: [1, 2\n")
+    out = _apar("serve", "--config", str(cfg), timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not valid YAML" in out.stderr
