@@ -31,17 +31,18 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
 
 # The project itself (not editable: the source tree is removed afterwards). Ray Serve imports
-# `cluster.app:build_app` and the gRPC servicer from site-packages on every node.
-WORKDIR /tmp/apar-src
-COPY --chown=1000:100 pyproject.toml README.md ./
-COPY --chown=1000:100 apar_worker ./apar_worker
-COPY --chown=1000:100 cluster ./cluster
-COPY --chown=1000:100 protos ./protos
-COPY --chown=1000:100 bench ./bench
-RUN pip install . \
-    && python -c "import cluster.config, protos.apar.v1.apar_pb2_grpc, grpc_health.v1.health_pb2_grpc; \
-from apar_worker.model_registry import resolve_model; print(resolve_model('apar-tiny'))" \
-    && cd / && rm -rf /tmp/apar-src
+# `cluster.app:build_app` and the gRPC servicer from site-packages on every node. COPY --chown
+# creates /tmp/apar-src owned by `ray`, so the in-tree build can write its metadata there.
+COPY --chown=1000:100 pyproject.toml README.md /tmp/apar-src/
+COPY --chown=1000:100 apar_worker /tmp/apar-src/apar_worker
+COPY --chown=1000:100 cluster /tmp/apar-src/cluster
+COPY --chown=1000:100 protos /tmp/apar-src/protos
+COPY --chown=1000:100 bench /tmp/apar-src/bench
+RUN cd /tmp/apar-src \
+    && pip install . \
+    && cd / && rm -rf /tmp/apar-src \
+    && python -c "import cluster.app, protos.apar.v1.apar_pb2_grpc, grpc_health.v1.health_pb2_grpc; \
+from apar_worker.model_registry import resolve_model; print(resolve_model('apar-tiny'))"
 
 WORKDIR /home/ray
 USER 1000:100
