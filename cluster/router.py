@@ -63,16 +63,23 @@ def rank_replicas(
     keys: RoutingKeys | None,
     thresholds: Thresholds,
     local_queue: dict[str, int] | None = None,
+    pending: dict[str, int] | None = None,
 ) -> tuple[list[str], str]:
-    """Order candidate replica ids by preference; returns (order, reason). Pure: unit-tested."""
-    local_queue = local_queue or {}
+    """Order candidate replica ids by preference; returns (order, reason). Pure: unit-tested.
+
+    Queue length per replica: `local_queue` (this router's fresh count of ongoing requests, from
+    Ray's queue-length cache) where known, else the heartbeat's; plus `pending`, requests this
+    router has just chosen the replica for but not yet sent (heartbeats lag by up to a period).
+    """
+    local_queue, pending = local_queue or {}, pending or {}
     alive = [c for c in candidates if c in info.loads]
     if not alive:  # no heartbeats at all (e.g. all just started): anything not known dead
         alive = [c for c in candidates if c not in info.dead] or list(candidates)
 
     def score(c: str) -> tuple[bool, int, float]:
-        load, q = info.loads.get(c), local_queue.get(c, 0)
-        qlen = max(load.queue_len if load else 0, q)
+        load = info.loads.get(c)
+        qlen = local_queue[c] if c in local_queue else (load.queue_len if load else 0)
+        qlen += pending.get(c, 0)
         free = load.free_kv_fraction if load else 1.0
         return (_overloaded(load, thresholds), qlen, -free)
 
@@ -109,8 +116,6 @@ class AparRouter(RequestRouter):
         self._thresholds = Thresholds()
         self._chunk_chars = PREFIX_CHUNK_CHARS
         self._died: set[str] = set()
-        self._inflight: Counter[str] = Counter()  # requests this router sent, not yet completed
-        self._sent_by_request: dict[str, str] = {}
         # Chosen but not yet confirmed by Ray (internal id -> (replica, time)): concurrent routing
         # tasks see each other's picks before the first request is even sent.
         self._tentative: dict[str, tuple[str, float]] = {}
@@ -162,7 +167,9 @@ class AparRouter(RequestRouter):
         if info is None:
             return self._fallback(list(by_id.values()))
         self._fallback_warned = False
-        order, reason = rank_replicas(list(by_id), info, keys, self._thresholds, self._local_queue())
+        order, reason = rank_replicas(
+            list(by_id), info, keys, self._thresholds, self._local_queue(by_id), self._pending()
+        )
         self._count(reason)
         if pending_request is not None and order:
             self._tentative[pending_request.metadata.internal_request_id] = (order[0], time.monotonic())
@@ -193,9 +200,19 @@ class AparRouter(RequestRouter):
         if self._metric:
             self._metric.inc(1, tags={"reason": reason})
 
-    def _local_queue(self) -> dict[str, int]:
-        """Requests this router has sent or is about to send, per replica."""
-        q = Counter(self._inflight)
+    def _local_queue(self, by_id: dict[str, RunningReplica]) -> dict[str, int]:
+        """Ongoing requests per replica from Ray's queue-length cache (bumped on every send,
+        lowered on completion, refreshed by the replicas' own replies); fresher than heartbeats."""
+        out = {}
+        for uid, r in by_id.items():
+            q = self.replica_queue_len_cache.get(r.replica_id)
+            if q is not None:
+                out[uid] = int(q)
+        return out
+
+    def _pending(self) -> dict[str, int]:
+        """Requests chosen for a replica by this router but not sent yet."""
+        q: Counter[str] = Counter()
         now = time.monotonic()
         for rid, (uid, t) in list(self._tentative.items()):
             if now - t > 5.0:  # routing was abandoned (cancelled call)
@@ -205,26 +222,16 @@ class AparRouter(RequestRouter):
         return dict(q)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
-        rid = pending_request.metadata.internal_request_id
-        self._tentative.pop(rid, None)
-        if rid not in self._sent_by_request:
-            self._sent_by_request[rid] = replica_id.unique_id
-            self._inflight[replica_id.unique_id] += 1
+        self._tentative.pop(pending_request.metadata.internal_request_id, None)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         self._tentative.pop(internal_request_id, None)
-        uid = self._sent_by_request.pop(internal_request_id, None)
-        if uid is not None:
-            self._inflight[uid] -= 1
-            if self._inflight[uid] <= 0:
-                del self._inflight[uid]
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
         """Stop choosing it here at once, and tell the other routers through Redis."""
         super().on_replica_actor_died(replica_id)
         uid = replica_id.unique_id
         self._died.add(uid)
-        self._inflight.pop(uid, None)
         if self._state is not None:
             try:
                 asyncio.get_running_loop().run_in_executor(None, self._state.mark_dead, uid)

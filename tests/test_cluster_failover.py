@@ -1,7 +1,8 @@
-"""Acceptance 3 and 4 on a real 2-replica Ray Serve app with its own redis-server:
-kill a worker replica's process mid-generation (every in-flight request completes, nothing lost
-or duplicated, the router stops choosing the dead replica); stop Redis while serving (requests
-keep succeeding) and restart it (heartbeats and session affinity resume)."""
+"""Acceptance 3 and 4 on the shared 2-replica cluster (`apar serve` subprocess, fixture-owned
+redis-server): SIGKILL a worker replica's process mid-generation (every in-flight request
+completes, its stream equals an undisturbed run so nothing is lost or duplicated, the router
+stops choosing the dead replica); stop Redis while serving (requests keep succeeding) and
+restart it (heartbeats and session affinity resume). Leaves the cluster with 2 live replicas."""
 
 from __future__ import annotations
 
@@ -9,21 +10,24 @@ import os
 import signal
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cluster_testkit import make_fork_model, start_cluster, stop_cluster, words
+from cluster_testkit import Client, ask, long_system
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-MAX_TOKENS = 120
+MAX_TOKENS = 160
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cl = start_cluster(make_fork_model(tmp_path_factory.mktemp("fork-model")), app="failover", replicas=2)
-    yield cl
-    stop_cluster(cl)
+def client(apar_cluster):
+    apar_cluster.wait_replicas(2, timeout_s=180)
+    c = Client(apar_cluster.address)
+    yield c
+    c.close()
+    apar_cluster.wait_replicas(2, timeout_s=180)  # the replacement replica is up for later tests
 
 
 def collect(stream) -> dict:
@@ -44,37 +48,37 @@ def collect(stream) -> dict:
     return out
 
 
-def test_killing_a_replica_mid_generation_loses_and_duplicates_nothing(cluster):
-    prompts = [words(200 + i, 20) for i in range(4)]
+def test_killing_a_replica_mid_generation_loses_and_duplicates_nothing(apar_cluster, client):
+    state = apar_cluster.state
+    prompts = [ask(20 + i) for i in range(4)]
     # Reference run on the healthy cluster: decoding is greedy, so a retry must reproduce it.
     with ThreadPoolExecutor(4) as ex:
-        reference = list(ex.map(lambda p: collect(cluster.stream(p, MAX_TOKENS)), prompts))
-
+        reference = list(ex.map(lambda p: collect(client.stream(p, MAX_TOKENS)), prompts))
+    ids = [f"fo-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(prompts))]
     results: list[dict | BaseException | None] = [None] * len(prompts)
 
     def run(i: int) -> None:
         try:
-            results[i] = collect(cluster.stream(prompts[i], MAX_TOKENS, request_id=f"fo-{i}"))
+            results[i] = collect(client.stream(prompts[i], MAX_TOKENS, request_id=ids[i]))
         except BaseException as exc:  # reported below
             results[i] = exc
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
-    # Pick a replica that owns a request which has made progress, and SIGKILL its process.
+    # A replica that owns a request which has made progress (its own record), SIGKILLed by pid.
     victim, deadline = None, time.monotonic() + 60
     while victim is None and time.monotonic() < deadline:
-        for i in range(len(prompts)):
-            prog = cluster.state.progress(f"fo-{i}")
+        for rid in ids:
+            prog = state.progress(rid)
             if prog and prog.get("state") == "running" and any(b["tokens"] for b in prog["tree"].values()):
                 victim = prog["replica"]
                 break
         time.sleep(0.05)
     assert victim is not None, "no request showed progress in Redis"
-    pid = cluster.state.replica_loads()[victim].pid
-    os.kill(pid, signal.SIGKILL)
+    os.kill(state.replica_loads()[victim].pid, signal.SIGKILL)
     for t in threads:
-        t.join(timeout=240)
+        t.join(timeout=300)
     assert not any(t.is_alive() for t in threads)
 
     moved = 0
@@ -93,31 +97,31 @@ def test_killing_a_replica_mid_generation_loses_and_duplicates_nothing(cluster):
 
     # The router stops choosing the dead replica (Ray may start a replacement meanwhile).
     with ThreadPoolExecutor(4) as ex:
-        after = list(ex.map(lambda i: cluster.generate(words(300 + i, 12), 8), range(6)))
+        after = list(ex.map(lambda i: client.generate(ask(40 + i), 8), range(6)))
     assert all(r.replica_id != victim for r in after)
-    assert victim not in (cluster.state.replica_loads() or {})
+    assert victim not in (state.replica_loads() or {})
 
 
-def _session_pair(cluster, tag: str) -> tuple:
-    base = words(400 + len(tag), 120)
-    r1 = cluster.generate(base + " w5", 8, session_id=f"s-{tag}")
-    r2 = cluster.generate(base + " w5 " + r1.text + " w7", 8, session_id=f"s-{tag}")
-    return r1, r2
+def _session_pair(client: Client, sid: str, tag: int) -> tuple:
+    system = long_system(tag)
+    r1 = client.generate([("system", system), *ask(tag)], 12, session_id=sid)
+    history = [("system", system), *ask(tag), ("assistant", r1.text), ("user", "Tell me more.")]
+    return r1, client.generate(history, 12, session_id=sid)
 
 
-def test_redis_outage_degrades_routing_not_serving(cluster):
-    cluster.wait_replicas(2, timeout_s=120)  # a replacement replica may still be starting
-    cluster.redis.stop()
+def test_redis_outage_degrades_routing_not_serving(apar_cluster, client):
+    apar_cluster.wait_replicas(2, timeout_s=180)  # a replacement replica may still be starting
+    apar_cluster.redis.stop()
     try:
         with ThreadPoolExecutor(3) as ex:
-            during = list(ex.map(lambda i: cluster.generate(words(500 + i, 16), 12), range(6)))
+            during = list(ex.map(lambda i: client.generate(ask(60 + i), 12), range(6)))
         assert all(r.text and r.finish_reason in ("stop", "length") for r in during)
     finally:
-        cluster.redis.start()  # same port, empty: replicas re-register on their next heartbeat
-    loads = cluster.wait_replicas(2, timeout_s=30)
-    assert len(loads) >= 2
-    time.sleep(0.5)
-    for tag in ("a", "b", "c"):
-        r1, r2 = _session_pair(cluster, tag)
-        assert cluster.state.session_replica(f"s-{tag}") == r1.replica_id
+        apar_cluster.redis.start()  # same port, empty: replicas re-register on their next heartbeat
+    assert len(apar_cluster.wait_replicas(2, timeout_s=30)) >= 2
+    tag = uuid.uuid4().int % 1000
+    for k in range(3):
+        sid = f"after-redis-{tag}-{k}"
+        r1, r2 = _session_pair(client, sid, tag * 10 + k)
+        assert apar_cluster.state.session_replica(sid) == r1.replica_id
         assert r2.replica_id == r1.replica_id and r2.usage.cached_tokens > 0

@@ -176,8 +176,10 @@ def test_rank_replicas_policy():
     keys = RoutingKeys("r", "s", ["h"])
     # least-loaded: B has the shorter queue
     assert rank_replicas(["A", "B"], _info({"A": a, "B": b}), keys, t) == (["B", "A"], "least-loaded")
-    # the local in-flight count of this router counts too
+    # this router's fresh queue lengths override the (lagging) heartbeats; pending picks add up
     assert rank_replicas(["A", "B"], _info({"A": a, "B": b}), keys, t, {"B": 5})[0] == ["A", "B"]
+    assert rank_replicas(["A", "B"], _info({"A": a, "B": b}), keys, t, {"A": 0})[0] == ["A", "B"]
+    assert rank_replicas(["A", "B"], _info({"A": a, "B": b}), keys, t, {"A": 0}, {"A": 2})[0] == ["B", "A"]
     # affinity wins over load, in the order owner > session > prefix
     assert rank_replicas(["A", "B"], _info({"A": a, "B": b}, prefix_replica="A"), keys, t) == (
         ["A", "B"],
