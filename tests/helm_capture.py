@@ -434,14 +434,31 @@ def render_many(
             }
             for api, values in zip(apis, value_sets, strict=True)
         ]
-        replies = _run_helm(jobs)
-        return [
-            RenderError(r["error"]) if "error" in r else api.created()
-            for api, r in zip(apis, replies, strict=True)
-        ]
+        out: list[list[dict] | RenderError] = []
+        for api, reply in zip(apis, _run_helm(jobs), strict=True):
+            if "error" in reply:
+                out.append(RenderError(reply["error"]))
+                continue
+            created = api.created()
+            _check_manifest(reply["results"][0]["manifest"], created)
+            out.append(created)
+        return out
     finally:
         for api in apis:
             api.__exit__(None, None, None)
+
+
+def _check_manifest(manifest: str, created: list[dict]) -> None:
+    """What the stand-in received is exactly the release manifest Helm reports (nothing lost)."""
+
+    def key(o: dict) -> tuple[str, str, str]:
+        return (o["apiVersion"], o["kind"], o["metadata"]["name"])
+
+    rendered = sorted(key(o) for o in yaml.safe_load_all(manifest) if o)
+    if rendered != sorted(key(o) for o in created):
+        raise RuntimeError(
+            f"stand-in API captured {sorted(map(key, created))}, Helm's manifest has {rendered}"
+        )
 
 
 def render(chart: Path, values: dict[str, Any], release: str = "apar", namespace: str = "apar") -> list[dict]:
