@@ -158,11 +158,12 @@ def run_serve(args: argparse.Namespace) -> int:
         _wait_running(cfg.app_name, stop)
         if stop.is_set():
             return 0
+        metrics_url = _metrics_url()
         state = state_file(cfg.grpc.port)
         state.parent.mkdir(parents=True, exist_ok=True)
-        state.write_text(
-            json.dumps({"pid": os.getpid(), "redis_url": cfg.redis.url, "namespace": cfg.redis.namespace})
-        )
+        record = {"pid": os.getpid(), "redis_url": cfg.redis.url, "namespace": cfg.redis.namespace}
+        state.write_text(json.dumps({**record, "metrics_url": metrics_url}))
+        print(f"apar serve: Prometheus metrics at {metrics_url}", flush=True)
         print(
             f"apar serve: listening on grpc 127.0.0.1:{cfg.grpc.port} (apar.v1.AparService, health, reflection); "
             "Ctrl-C stops",
@@ -178,6 +179,14 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     finally:
         _shutdown(redis_server, state)
+
+
+def _metrics_url() -> str:
+    """Ray's per-node Prometheus endpoint (APAR's metrics are exported there as `ray_apar_*`)."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n.get("Alive"))
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def _wait_running(app_name: str, stop: threading.Event, timeout_s: float = 600.0) -> None:
