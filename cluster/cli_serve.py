@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -58,7 +59,11 @@ def register(sub: Any) -> None:
         help="use this Redis (default: $APAR_REDIS_URL, else start one)",
     )
     p.add_argument(
-        "--num-cpus", type=float, default=None, metavar="N", help="CPUs Ray may use (default: all)"
+        "--num-cpus",
+        type=float,
+        default=None,
+        metavar="N",
+        help="logical CPUs of the local Ray (default: all, at least what the replicas need)",
     )
     p.set_defaults(func=run_serve)
 
@@ -85,7 +90,20 @@ def _load(args: argparse.Namespace) -> ServeAppConfig:
     )
 
 
-def _start_ray(num_cpus: float | None) -> None:
+def _ray_cpus(cfg: ServeAppConfig, requested: float | None) -> int:
+    """Logical CPUs for the local Ray: enough for every replica the config asks for.
+
+    Ray CPUs are scheduling tokens; on a small machine a second replica would otherwise wait
+    forever for a free CPU instead of sharing the cores.
+    """
+    replicas = cfg.worker.num_replicas
+    if cfg.worker.autoscaling_config is not None:
+        replicas = int(cfg.worker.autoscaling_config.get("max_replicas", 1))
+    needed = math.ceil(replicas * cfg.worker.num_cpus + cfg.ingress.num_replicas * cfg.ingress.num_cpus)
+    return max(math.ceil(requested) if requested else os.cpu_count() or 1, needed, 1)
+
+
+def _start_ray(num_cpus: int) -> None:
     import ray
 
     # Replicas are separate processes: they must import cluster/, protos/ and apar_worker/ even
@@ -94,7 +112,7 @@ def _start_ray(num_cpus: float | None) -> None:
     if str(_REPO_ROOT) not in path.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), path) if p)
     ray.init(
-        num_cpus=int(num_cpus) if num_cpus else None,
+        num_cpus=num_cpus,
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=os.environ.get("APAR_RAY_LOGS", "0") == "1",
@@ -150,7 +168,7 @@ def run_serve(args: argparse.Namespace) -> int:
             except RedisServerError as exc:
                 return _fail(str(exc))
         print(f"apar serve: redis {cfg.redis.url}" + (" (started)" if redis_server else ""), flush=True)
-        _start_ray(args.num_cpus)
+        _start_ray(_ray_cpus(cfg, args.num_cpus))
         if stop.is_set():
             return 0
         print(f"apar serve: deploying {cfg.model} on {cfg.worker.num_replicas} replica(s) ...", flush=True)
