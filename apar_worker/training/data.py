@@ -168,3 +168,24 @@ def compute_stats(train: list[Item], held: list[Item], tok) -> dict:
         "oracle_step_ratio_heldout": round(sum(ratios) / max(1, len(ratios)), 4),
         "heldout_roundtrip_exact": f"{roundtrip_ok}/{len(ratios)}",
     }
+
+
+def write_heldout_prompts(data_dir: Path, out: Path, per_kind: int = 60, seed: int = 0) -> int:
+    """Ship a small, seeded sample of held-out turns for `apar eval` and the benchmarks.
+
+    Lines are {"id", "kind", "prompt"} plus the reference "answer" and "tree", so eval can
+    compute the oracle step ratio and the held-out loss without rebuilding the data.
+    """
+    items = load_items(data_dir / "heldout.jsonl")
+    rng = random.Random(seed)
+    chosen: list[Item] = []
+    for kind in ("structured", "unstructured"):
+        pool = [it for it in items if it.kind == kind]
+        rng.shuffle(pool)
+        pool.sort(key=lambda it: not it.id.endswith(":0"))  # first turns (self-contained) first
+        chosen += pool[:per_kind]
+    with out.open("w", encoding="utf-8") as f:
+        for it in chosen:
+            row = {"id": it.id, "kind": it.kind, "prompt": it.prompt, "answer": it.answer, "tree": it.tree}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(chosen)

@@ -1,0 +1,203 @@
+"""`apar eval`: does the APAR model fork when it should, how many steps it saves, at what loss.
+
+Generation runs through the real engine, greedy, one request at a time (DESIGN §7 "steps");
+the twin decodes with `fork=False`. Held-out loss is a plain forward pass of each model over
+the same answer text tokens (control tokens and EOS excluded), so the two are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from apar_worker.training.data import tree_from_dict
+from apar_worker.training.examples import IGNORE, apar_examples, seq_example, special_ids, tree_token_counts
+from apar_worker.training.tokenizer import prompt_ids
+
+HELDOUT_PROMPTS = Path(__file__).resolve().parent / "heldout_prompts.jsonl"
+
+
+@dataclass
+class Prompt:
+    id: str
+    kind: str
+    prompt: str
+    answer: str | None = None
+    tree: dict | None = None
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    """JSON lines {"id", "kind": "structured"|"unstructured", "prompt"} (+ optional reference)."""
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+            if not isinstance(d, dict) or d.get("kind") not in ("structured", "unstructured"):
+                raise ValueError(f"{path}:{n}: needs kind 'structured' or 'unstructured'")
+            if not isinstance(d.get("prompt"), str) or not d["prompt"].strip():
+                raise ValueError(f"{path}:{n}: needs a non-empty 'prompt'")
+            out.append(Prompt(str(d.get("id", n)), d["kind"], d["prompt"], d.get("answer"), d.get("tree")))
+    return out
+
+
+def run_alone(engine, prompt: str, fork: bool, max_tokens: int):
+    """One request alone in the engine, greedy: the RequestOutput (its `steps` is DESIGN §7's)."""
+    from apar_worker.types import GenerateRequest, RequestOutput, SamplingParams
+
+    req = GenerateRequest(
+        messages=[{"role": "user", "content": prompt}],
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        fork=fork,
+    )
+    engine.add_request(req)
+    while engine.has_unfinished():
+        for item in engine.step():
+            if isinstance(item, RequestOutput) and item.request_id == req.request_id:
+                return item
+    raise RuntimeError("engine finished without a result")
+
+
+@torch.no_grad()
+def answer_loss(model, tok, items: list[Prompt], mode: str) -> tuple[float, int]:
+    """Mean NLL per answer text token (no control tokens, no EOS) of `model` on `items`."""
+    ids = special_ids(tok)
+    skip = {ids.fork, ids.child, ids.eos}
+    total, count = 0.0, 0
+    for it in items:
+        p = prompt_ids(tok, it.prompt)
+        if it.tree is not None:
+            tree = tree_from_dict(it.tree)
+            exs = apar_examples(tok, p, tree, ids) if mode == "apar" else [seq_example(tok, p, tree, "", ids)]
+        else:
+            exs = [seq_example(tok, p, None, it.answer or "", ids)]
+        for ex in exs:
+            inp = torch.tensor([ex.input_ids])
+            logits = model(input_ids=inp).logits[0, :-1].float()
+            target = torch.tensor(ex.labels[1:])
+            keep = torch.tensor([t != IGNORE and t not in skip for t in ex.labels[1:]])
+            nll = torch.nn.functional.cross_entropy(logits, target.clamp(min=0), reduction="none")
+            total += float(nll[keep].sum())
+            count += int(keep.sum())
+    return total / max(1, count), count
+
+
+def evaluate(
+    model: str, baseline: str, prompts: list[Prompt], max_tokens: int, progress: bool = True
+) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from apar_worker.engine import Engine, EngineConfig
+    from apar_worker.model_registry import resolve_model
+
+    def log(msg: str) -> None:
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    apar_eng = Engine(EngineConfig(model=model, device="cpu"))
+    seq_eng = Engine(EngineConfig(model=baseline, device="cpu"))
+    tok = apar_eng.tokenizer
+    rows = []
+    for i, p in enumerate(prompts):
+        a = run_alone(apar_eng, p.prompt, True, max_tokens)
+        s = run_alone(seq_eng, p.prompt, False, max_tokens)
+        row = {
+            "id": p.id,
+            "kind": p.kind,
+            "children": len(a.branches) - 1,
+            "apar_steps": a.steps,
+            "seq_steps": s.steps,
+            "apar_finish": a.finish_reason,
+            "seq_finish": s.finish_reason,
+            "control_tokens_in_text": "[Fork]" in a.text or "[Child]" in a.text,
+        }
+        if p.tree is not None:
+            longest, total = tree_token_counts(tok, tree_from_dict(p.tree))
+            row["oracle_ratio"] = longest / total
+        rows.append(row)
+        log(f"[{i + 1}/{len(prompts)}] {p.kind:12s} children={row['children']:2d} steps {a.steps}/{s.steps}")
+    struct = [r for r in rows if r["kind"] == "structured"]
+    plain = [r for r in rows if r["kind"] == "unstructured"]
+    forked = [r for r in struct if r["children"] >= 2]
+    report = {
+        "prompts": {"structured": len(struct), "unstructured": len(plain)},
+        "max_tokens": max_tokens,
+        "fork_rate": _mean([r["children"] >= 2 for r in struct]),
+        "spurious_fork_rate": _mean([r["children"] >= 1 for r in plain]),
+        "step_ratio": _mean([r["apar_steps"] / r["seq_steps"] for r in struct]),
+        "step_ratio_forked": _mean([r["apar_steps"] / r["seq_steps"] for r in forked]),
+        "step_ratio_total": sum(r["apar_steps"] for r in struct)
+        / max(1, sum(r["seq_steps"] for r in struct)),
+        "oracle_step_ratio": _mean([r["oracle_ratio"] for r in struct if "oracle_ratio" in r]),
+        "mean_branches": _mean([r["children"] + 1 for r in struct]),
+        "length_finishes": {
+            "apar": sum(r["apar_finish"] == "length" for r in rows),
+            "seq": sum(r["seq_finish"] == "length" for r in rows),
+        },
+        "control_tokens_in_text": sum(r["control_tokens_in_text"] for r in rows),
+    }
+    ref = [p for p in prompts if p.answer is not None]
+    if ref:
+        log("held-out loss ...")
+        torch.set_grad_enabled(False)
+        m_apar = AutoModelForCausalLM.from_pretrained(str(resolve_model(model))).eval()
+        m_seq = AutoModelForCausalLM.from_pretrained(str(resolve_model(baseline))).eval()
+        la, na = answer_loss(m_apar, tok, ref, "apar")
+        ls, ns = answer_loss(m_seq, tok, ref, "seq")
+        report["heldout_loss"] = {
+            "apar": round(la, 4),
+            "seq": round(ls, 4),
+            "relative_gap": round(la / ls - 1, 4),
+            "tokens": {"apar": na, "seq": ns},
+        }
+    report["per_prompt"] = rows
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()}
+
+
+def _mean(xs: list) -> float:
+    return float(sum(xs) / len(xs)) if xs else math.nan
+
+
+def run_eval_cli(args) -> int:
+    from apar_worker.training.card import write_eval
+    from apar_worker.types import ModelLoadError
+
+    path = Path(args.prompts) if args.prompts else HELDOUT_PROMPTS
+    try:
+        prompts = load_prompts(path)
+    except (OSError, ValueError) as exc:
+        print(f"apar: error: {exc}", file=sys.stderr)
+        return 2
+    if args.limit:
+        prompts = [p for p in prompts if p.kind == "structured"][: args.limit] + [
+            p for p in prompts if p.kind == "unstructured"
+        ][: args.limit]
+    try:
+        report = evaluate(args.model, args.baseline, prompts, args.max_tokens)
+    except ModelLoadError as exc:
+        print(f"apar: error: {exc}", file=sys.stderr)
+        return 2
+    summary = {k: v for k, v in report.items() if k != "per_prompt"}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.update_cards:
+        from apar_worker.model_registry import resolve_model
+
+        cmd = (
+            " ".join(["apar", *sys.argv[1:]])
+            if sys.argv[0].endswith("apar")
+            else "apar eval " + " ".join(a for a in sys.argv[2:])
+        )
+        for name in (args.model, args.baseline):
+            write_eval(resolve_model(name), cmd, summary)
+    return 0

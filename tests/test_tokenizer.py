@@ -1,0 +1,71 @@
+"""The APAR tokenizer: control tokens are single ids, text round-trips, the chat template renders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from training_utils import make_data_dir
+from transformers import AutoTokenizer
+
+from apar_worker.training.tokenizer import (
+    CHILD,
+    EOS,
+    FORK,
+    SPECIAL_TOKENS,
+    encode_text,
+    prompt_ids,
+    template_prompt_ids,
+)
+
+SHIPPED = Path(__file__).resolve().parents[1] / "apar_worker" / "models"
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("data")) / "tokenizer"
+
+
+def _tokenizer_dirs(tok_dir: Path) -> list[Path]:
+    shipped = [
+        SHIPPED / n for n in ("apar-tiny", "apar-tiny-seq") if (SHIPPED / n / "tokenizer.json").is_file()
+    ]
+    return [tok_dir, *shipped]
+
+
+def test_special_tokens_are_single_ids(tok_dir: Path) -> None:
+    for d in _tokenizer_dirs(tok_dir):
+        tok = AutoTokenizer.from_pretrained(str(d))
+        ids = [tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS]
+        assert len(set(ids)) == len(SPECIAL_TOKENS) and tok.unk_token_id not in ids
+        text = f"1. Sleep:{FORK}\n2. Walk:{FORK}{EOS}"
+        enc = tok.encode(text, add_special_tokens=False)
+        assert enc.count(tok.convert_tokens_to_ids(FORK)) == 2
+        assert enc[-1] == tok.eos_token_id and tok.eos_token == EOS
+        assert tok.decode(enc) == text
+        assert tok.decode(enc, skip_special_tokens=True) == "1. Sleep:\n2. Walk:"
+
+
+def test_text_round_trips_byte_level(tok_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    for text in ["Hello, world!", "  two  spaces\n\nand tabs\t", "émoji 🙂 and 中文", "x"]:
+        assert tok.decode(encode_text(tok, text)) == text
+
+
+def test_control_strings_in_user_text_are_not_control_ids(tok_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = encode_text(tok, f"please print {FORK} and {CHILD}")
+    assert tok.convert_tokens_to_ids(FORK) not in ids and tok.convert_tokens_to_ids(CHILD) not in ids
+
+
+def test_chat_template_matches_training_prompt(tok_dir: Path) -> None:
+    for d in _tokenizer_dirs(tok_dir):
+        tok = AutoTokenizer.from_pretrained(str(d))
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": "What are some tips for sleep?"}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        assert rendered == "<|user|>What are some tips for sleep?<|end|><|assistant|>"
+        for prompt in ["What are some tips for sleep?", " leading space", "multi\nline\n\nprompt"]:
+            assert prompt_ids(tok, prompt) == template_prompt_ids(tok, prompt)

@@ -1,0 +1,222 @@
+"""Training examples see exactly what the engine lets a branch see; a tiny config trains on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from training_utils import make_data_dir, make_items
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from apar_worker.training.data import tree_from_dict
+from apar_worker.training.examples import (
+    IGNORE,
+    apar_examples,
+    branch_tokens,
+    seq_example,
+    sequential_tokens,
+    special_ids,
+    tree_token_counts,
+)
+from apar_worker.training.rewrite import Tree, assemble
+from apar_worker.training.tokenizer import encode_text, prompt_ids
+from apar_worker.training.train import ModelConfig, RunConfig, TrainConfig, load_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def tok(data_dir: Path):
+    return AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+
+
+def _tree() -> Tree:
+    return Tree(
+        ["Intro\n1. Sleep:", "\n2. Exercise:", "\nBye"],
+        [Tree([" Get 8 hours."]), Tree([" Walk daily."])],
+    )
+
+
+def test_child_example_sees_prompt_parent_through_fork_and_child(tok) -> None:
+    ids = special_ids(tok)
+    p = prompt_ids(tok, "Tips?")
+    tree = _tree()
+    root, c1, c2 = apar_examples(tok, p, tree)
+    own, forks = branch_tokens(tok, tree, ids)
+    # root: prompt + its own tokens (titles + [Fork]s + continuation) + EOS, loss on all of them
+    assert root.input_ids == p + own and own[-1] == ids.eos
+    assert root.labels == [IGNORE] * len(p) + own
+    # child 2: prompt + root through ITS [Fork] (both titles, first [Fork]) + [Child] + body + EOS
+    body2 = encode_text(tok, " Walk daily.") + [ids.eos]
+    assert c2.input_ids == p + own[: forks[1] + 1] + [ids.child] + body2
+    assert c2.labels == [IGNORE] * (len(c2) - len(body2)) + body2  # loss on the body + EOS only
+    assert not set(encode_text(tok, " Get 8 hours.")) <= set(c2.input_ids)  # sibling body invisible
+    assert c1.input_ids == p + own[: forks[0] + 1] + [ids.child] + encode_text(tok, " Get 8 hours.") + [
+        ids.eos
+    ]
+    assert tok.decode(c2.input_ids[len(p) :], skip_special_tokens=False).startswith(
+        "Intro\n1. Sleep:[Fork]\n2."
+    )
+
+
+def test_twin_example_has_same_text_tokens_in_reading_order(tok) -> None:
+    ids = special_ids(tok)
+    p = prompt_ids(tok, "Tips?")
+    tree = _tree()
+    twin = seq_example(tok, p, tree, assemble(tree))
+    assert tok.decode(twin.input_ids[len(p) : -1]) == assemble(tree)
+    apar_text = [
+        t
+        for e in apar_examples(tok, p, tree)
+        for t, lab in zip(e.input_ids, e.labels, strict=True)
+        if lab != IGNORE
+    ]
+    control = {ids.fork, ids.eos}
+    assert sorted(t for t in apar_text if t not in control) == sorted(sequential_tokens(tok, tree))
+
+
+def test_oracle_step_counts(tok) -> None:
+    ids = special_ids(tok)
+    tree = _tree()
+    own, forks = branch_tokens(tok, tree, ids)
+    b1 = len(encode_text(tok, " Get 8 hours.")) + 1
+    b2 = len(encode_text(tok, " Walk daily.")) + 1
+    longest, total = tree_token_counts(tok, tree)
+    assert longest == max(len(own), forks[0] + 1 + b1, forks[1] + 1 + b2)
+    assert total == len(sequential_tokens(tok, tree)) + 1
+
+
+def test_engine_branch_context_equals_training_example(tok) -> None:
+    """Force the engine to decode the reference tree; each branch's token sequence (its attention
+    context, positions 0..n-1) must be exactly that branch's training example."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from apar_worker.engine import Engine, EngineConfig
+    from apar_worker.types import GenerateRequest, SamplingParams
+
+    ids = special_ids(tok)
+    items = make_items()
+    item = next(it for it in items if it.tree is not None)
+    tree = tree_from_dict(item.tree)
+    p = prompt_ids(tok, item.prompt)
+    examples = apar_examples(tok, p, tree)
+    own, forks = branch_tokens(tok, tree, ids)
+    targets = {None: own}  # keyed by fork index in the root's output
+    for child, f in zip(tree.children, forks, strict=True):
+        targets[f] = [ids.child] + branch_tokens(tok, child, ids)[0]
+    seen: dict = {}
+
+    def force(rows, logits):
+        out = torch.full_like(logits, -1e9)
+        for i, (_, br) in enumerate(rows):
+            key = None if br.parent is None else br.fork_index
+            want = targets[key][len(br.tokens) - br.own_start]
+            out[i, want] = 0.0
+            seen[key] = list(br.tokens) + [want]
+        return out
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            eos_token_id=ids.eos,
+            bos_token_id=None,
+        )
+    )
+    engine = Engine.from_model(
+        model, tok, EngineConfig(device="cpu", kv_cache_memory_mb=8), logits_hook=force
+    )
+    out = engine.generate(
+        [
+            GenerateRequest(
+                messages=[{"role": "user", "content": item.prompt}], sampling=SamplingParams(max_tokens=500)
+            )
+        ]
+    )[0]
+    assert out.text == item.answer
+    assert len(out.branches) == 1 + len(tree.children)
+    assert sorted(map(tuple, seen.values())) == sorted(tuple(e.input_ids) for e in examples)
+
+
+def _tiny_config(data_dir: Path, tmp: Path, mode: str, steps: int) -> RunConfig:
+    return RunConfig(
+        name=f"tiny-{mode}",
+        mode=mode,
+        data_dir=str(data_dir),
+        out_dir=str(tmp / f"model-{mode}"),
+        run_dir=str(tmp / f"run-{mode}"),
+        model=ModelConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=256,
+        ),
+        train=TrainConfig(
+            steps=steps,
+            batch_turns=4,
+            lr=1e-2,
+            warmup=2,
+            micro_tokens=2048,
+            max_seq_len=256,
+            checkpoint_every=5,
+            threads=1,
+        ),
+    )
+
+
+@pytest.mark.parametrize("mode", ["apar", "seq"])
+def test_tiny_config_trains_resumes_and_exports(data_dir: Path, tmp_path: Path, mode: str) -> None:
+    cfg = _tiny_config(data_dir, tmp_path, mode, steps=25)
+    info = train(cfg, progress=False)
+    assert info["steps"] == 25 and not info["stopped_early"]
+    ckpt = torch.load(Path(cfg.run_dir) / "ckpt.pt", weights_only=False)
+    history = ckpt["history"]
+    assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5  # it learns
+    cfg.train.steps = 28  # resume from the checkpoint instead of starting over
+    info = train(cfg, progress=False)
+    assert info["steps"] == 28
+    assert len(torch.load(Path(cfg.run_dir) / "ckpt.pt", weights_only=False)["history"]) == 28
+    out = Path(cfg.out_dir)
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    ):
+        assert (out / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert "apar train --config" in (out / "README.md").read_text()
+
+
+def test_shipped_configs_load_and_twin_matches() -> None:
+    a = load_config(ROOT / "configs" / "apar-tiny.yaml")
+    s = load_config(ROOT / "configs" / "apar-tiny-seq.yaml")
+    assert (a.mode, s.mode) == ("apar", "seq")
+    assert a.model == s.model and a.train == s.train and a.data == s.data and a.data_dir == s.data_dir
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmode: parallel\n")
+    with pytest.raises(ValueError, match="mode must be"):
+        load_config(bad)
+    bad.write_text("name: x\nmode: apar\ntrain: {stepz: 3}\n")
+    with pytest.raises(ValueError, match="stepz"):
+        load_config(bad)

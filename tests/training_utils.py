@@ -1,0 +1,58 @@
+"""Small hand-written training data for the training tests (no ShareGPT, no downloads)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from apar_worker.training.data import Item, tree_to_dict
+from apar_worker.training.rewrite import rewrite_list
+from apar_worker.training.tokenizer import save_tokenizer, train_tokenizer
+
+TOPICS = ["health", "travel", "study", "cooking", "saving money", "sleep"]
+
+
+def list_answer(topic: str) -> str:
+    items = [
+        f"{i}. Tip {i} for {topic}: Keep doing the {topic} habit number {i} every day and note how it goes."
+        for i in range(1, 4)
+    ]
+    return f"Here are some tips for {topic}:\n\n" + "\n".join(items) + "\n\nGood luck!"
+
+
+def make_items() -> list[Item]:
+    items = []
+    for n, topic in enumerate(TOPICS):
+        ans = list_answer(topic)
+        tree = rewrite_list(ans)
+        assert tree is not None
+        items.append(
+            Item(
+                f"s{n}:0", f"s{n}", "structured", f"What are some tips for {topic}?", ans, tree_to_dict(tree)
+            )
+        )
+        items.append(
+            Item(
+                f"u{n}:0",
+                f"u{n}",
+                "unstructured",
+                f"Write one line about {topic}.",
+                f"{topic.title()} matters.",
+                None,
+            )
+        )
+    return items
+
+
+def make_data_dir(root: Path) -> Path:
+    """train.jsonl + heldout.jsonl + a byte-level BPE tokenizer trained on them."""
+    items = make_items()
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "heldout"):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for it in items:
+                f.write(json.dumps(asdict(it)) + "\n")
+    tok = train_tokenizer((t for it in items for t in (it.prompt, it.answer)), vocab_size=400)
+    save_tokenizer(tok, root / "tokenizer")
+    return root
