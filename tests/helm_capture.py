@@ -89,7 +89,8 @@ def _child_main() -> None:
                         op["release"], op["chart"], values=op["values"] or None, wait=False, timeout=60
                     )
                 )
-                results.append({"manifest": rel.get("manifest", "")})
+                hooks = [h.get("manifest", "") for h in rel.get("hooks") or []]
+                results.append({"manifest": rel.get("manifest", ""), "hooks": hooks})
                 if op.get("checkpoint"):  # tell the stand-in server to snapshot what exists now
                     urllib.request.urlopen(op["checkpoint"], timeout=10).read()
             replies.append({"results": results})
@@ -131,11 +132,19 @@ def render_many(
                 continue
             created = api.created()
             _check_manifest(reply["results"][0]["manifest"], created)
-            out.append(created)
+            out.append(created + _hook_objects(reply["results"][0]["hooks"], namespace))
         return out
     finally:
         for api in apis:
             api.__exit__(None, None, None)
+
+
+def _hook_objects(manifests: list[str], namespace: str) -> list[dict]:
+    """Helm hooks (e.g. `helm test` pods) are not applied on install; `helm template` lists them."""
+    objs = [o for m in manifests for o in yaml.safe_load_all(m) if o]
+    for o in objs:
+        o.setdefault("metadata", {}).setdefault("namespace", namespace)
+    return objs
 
 
 def _check_manifest(manifest: str, created: list[dict]) -> None:
@@ -152,7 +161,7 @@ def _check_manifest(manifest: str, created: list[dict]) -> None:
 
 
 def render(chart: Path, values: dict[str, Any], release: str = "apar", namespace: str = "apar") -> list[dict]:
-    """Render `chart` with `values` through real Helm and return the objects it would apply.
+    """Render `chart` with `values` through real Helm: the objects it would apply, then its hooks.
 
     Raises `RenderError` with Helm's message when Helm refuses (e.g. values.schema.json).
     """

@@ -248,7 +248,7 @@ def test_default_deploys_redis_grpc_service_pdb_and_network_policy(rendered) -> 
     objs = rendered["default"]
     assert kinds(objs) == sorted(
         ["RayService", "StatefulSet", "Service", "Service", "Service", "Secret", "NetworkPolicy"]
-        + ["PodDisruptionBudget", "ServiceAccount"]
+        + ["PodDisruptionBudget", "ServiceAccount", "Pod"]  # the Pod: the `helm test` hook
     )
     rs = one(objs, "RayService")
     tpls = pod_templates(rs)
@@ -318,6 +318,7 @@ def test_production_defaults_on_every_pod(name: str, rendered) -> None:
     objs = rendered[name]
     pods = {f"ray-{r}": t for r, t in pod_templates(one(objs, "RayService")).items()}
     pods.update({o["metadata"]["name"]: o["spec"]["template"] for o in objs if o["kind"] == "StatefulSet"})
+    pods.update({o["metadata"]["name"]: o for o in objs if o["kind"] == "Pod"})  # `helm test` hook
     for pod_name, tpl in pods.items():
         spec = tpl["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True, pod_name
@@ -331,10 +332,21 @@ def test_production_defaults_on_every_pod(name: str, rendered) -> None:
                 assert {"cpu", "memory"} <= set(c["resources"][kind]), where
             repo, _, tag = c["image"].rpartition(":")
             assert repo and tag and tag != "latest" and "/" not in tag, where
-        for c in spec["containers"]:
+        for c in spec["containers"] if spec.get("restartPolicy") != "Never" else []:  # long-running only
             assert c.get("readinessProbe") and c.get("livenessProbe"), f"{name}: {pod_name}/{c['name']}"
     worker = pods["ray-worker"]["spec"]["containers"][0]
     assert worker["readinessProbe"]["grpc"]["port"] == worker["ports"][1]["containerPort"]  # gRPC health
+
+
+def test_helm_test_hook_calls_the_grpc_service(rendered) -> None:
+    objs = rendered["default"]
+    pod = one(objs, "Pod", "-test-generate")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    svc = one(objs, "Service", "-grpc")
+    cmd = pod["spec"]["containers"][0]["command"]
+    target = f"{svc['metadata']['name']}.{NAMESPACE}.svc:{svc['spec']['ports'][0]['port']}"
+    assert cmd[:4] == ["apar", "generate", "--server", target] and "--prompt" in cmd
+    assert pod["spec"]["restartPolicy"] == "Never"
 
 
 def test_external_redis_url_goes_through_a_secret(rendered) -> None:
