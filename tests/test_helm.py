@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
+import subprocess
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ import helm_capture as hc
 import jsonschema
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 from kube_checks import kinds, one, pod_templates, pruned_fields, selector_matches
 
@@ -263,7 +269,7 @@ def test_default_deploys_redis_grpc_service_pdb_and_network_policy(rendered) -> 
     assert len(secret["data"]["redis-password"]) >= 32
     pw_ref = next(e for e in redis_c["env"] if e["name"] == "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
     assert pw_ref == {"name": secret["metadata"]["name"], "key": "redis-password"}
-    assert "$(REDIS_PASSWORD)" in redis_c["command"]
+    assert "requirepass $REDIS_PASSWORD" in redis_c["command"][-1]  # via stdin, not argv
     redis_svc = one(objs, "Service", "-redis")
     assert selector_matches({"matchLabels": redis_svc["spec"]["selector"]}, redis_pod["metadata"]["labels"])
 
@@ -347,6 +353,41 @@ def test_helm_test_hook_calls_the_grpc_service(rendered) -> None:
     target = f"{svc['metadata']['name']}.{NAMESPACE}.svc:{svc['spec']['ports'][0]['port']}"
     assert cmd[:4] == ["apar", "generate", "--server", target] and "--prompt" in cmd
     assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_rendered_redis_runs_with_its_password(tmp_path: Path) -> None:
+    """The StatefulSet's command and readiness probe, run as rendered against a real redis-server."""
+    from cluster.redis_server import find_redis_server, free_port
+
+    port = free_port()
+    container = one(hc.render(CHART, {"redis": {"port": port}}, RELEASE, NAMESPACE), "StatefulSet")["spec"][
+        "template"
+    ]["spec"]["containers"][0]
+    server = find_redis_server()
+    cli = shutil.which("redis-cli", path=str(Path(server).parent)) or shutil.which("redis-cli")
+    if not cli:
+        pytest.skip(f"no redis-cli next to {server} or on PATH")
+    password = f"pw-{uuid.uuid4().hex}"
+    env = {**os.environ, "REDIS_PASSWORD": password, "REDISCLI_AUTH": password}
+    assert container["command"][:2] == ["sh", "-c"]
+    script = container["command"][2].replace("redis-server", server, 1)
+    probe = [a.replace("redis-cli", cli, 1) for a in container["readinessProbe"]["exec"]["command"]]
+    proc = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(probe, env=env, capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "redis did not become ready"
+            time.sleep(0.2)
+        with pytest.raises(redis.exceptions.RedisError):
+            redis.Redis(port=port, socket_timeout=5).ping()
+        assert redis.Redis(port=port, password=password, socket_timeout=5).ping()
+        wrong = subprocess.run(probe, env={**env, "REDISCLI_AUTH": "wrong"}, capture_output=True)
+        assert wrong.returncode != 0  # the probe tells a bad password apart
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # sh exec'd redis-server: same pid
+        assert b"redis-server" in cmdline and password.encode() not in cmdline
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_external_redis_url_goes_through_a_secret(rendered) -> None:
