@@ -355,14 +355,15 @@ def test_helm_test_hook_calls_the_grpc_service(rendered) -> None:
     assert pod["spec"]["restartPolicy"] == "Never"
 
 
-def test_rendered_redis_runs_with_its_password(tmp_path: Path) -> None:
-    """The StatefulSet's command and readiness probe, run as rendered against a real redis-server."""
+def test_rendered_redis_runs_with_its_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The StatefulSet's command and probe run as rendered on a real redis-server, and the app
+    reaches it through the worker pods' $APAR_REDIS_URL (config `redis.url` null)."""
     from cluster.redis_server import find_redis_server, free_port
+    from cluster.state import state_from_config
 
     port = free_port()
-    container = one(hc.render(CHART, {"redis": {"port": port}}, RELEASE, NAMESPACE), "StatefulSet")["spec"][
-        "template"
-    ]["spec"]["containers"][0]
+    objs = hc.render(CHART, {"redis": {"port": port}}, RELEASE, NAMESPACE)
+    container = one(objs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
     server = find_redis_server()
     cli = shutil.which("redis-cli", path=str(Path(server).parent)) or shutil.which("redis-cli")
     if not cli:
@@ -385,6 +386,21 @@ def test_rendered_redis_runs_with_its_password(tmp_path: Path) -> None:
         assert wrong.returncode != 0  # the probe tells a bad password apart
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # sh exec'd redis-server: same pid
         assert b"redis-server" in cmdline and password.encode() not in cmdline
+
+        # A worker pod's view: the kubelet expands $(APAR_REDIS_PASSWORD); 127.0.0.1 stands in for
+        # the Service's DNS name.
+        rs = one(objs, "RayService")
+        pod_env = {e["name"]: e for e in pod_templates(rs)["worker"]["spec"]["containers"][0]["env"]}
+        url = pod_env["APAR_REDIS_URL"]["value"].replace("$(APAR_REDIS_PASSWORD)", password)
+        url = url.replace(
+            f"{one(objs, 'Service', '-redis')['metadata']['name']}.{NAMESPACE}.svc", "127.0.0.1"
+        )
+        monkeypatch.setenv("APAR_REDIS_URL", url)
+        args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+        assert args["redis"]["url"] is None
+        state = state_from_config(args["redis"])
+        assert state is not None and state.ping()
+        state.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
