@@ -35,6 +35,7 @@ CHART = ROOT / "helm" / "apar-serve"
 RAYSERVICE_CRD = ROOT.parent / "shared" / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
 KUBE_VERSION = f"{hc.KUBE_VERSION['major']}.{hc.KUBE_VERSION['minor']}"
 RELEASE, NAMESPACE = "apar", "llm"
+KUBERAY_POD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/created-by")
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -342,6 +343,16 @@ def test_production_defaults_on_every_pod(name: str, rendered) -> None:
             assert c.get("readinessProbe") and c.get("livenessProbe"), f"{name}: {pod_name}/{c['name']}"
     worker = pods["ray-worker"]["spec"]["containers"][0]
     assert worker["readinessProbe"]["grpc"]["port"] == worker["ports"][1]["containerPort"]  # gRPC health
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_ray_pod_labels_leave_kuberays_own_keys_alone(name: str, rendered) -> None:
+    """KubeRay labels Ray pods app.kubernetes.io/name=kuberay (+ created-by, ray.io/*) and its
+    RayService head Service selects on them: a pod template label would override and orphan it."""
+    for role, tpl in pod_templates(one(rendered[name], "RayService")).items():
+        labels = tpl["metadata"]["labels"]
+        reserved = [k for k in labels if k.startswith("ray.io/") or k in KUBERAY_POD_LABELS]
+        assert reserved == [], f"{role} pod template sets {reserved}"
 
 
 def test_helm_test_hook_calls_the_grpc_service(rendered) -> None:

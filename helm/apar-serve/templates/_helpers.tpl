@@ -20,6 +20,16 @@ app.kubernetes.io/name: {{ include "apar-serve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/*
+Labels of the Ray pods and of the selectors that pick them. Not app.kubernetes.io/name: KubeRay
+labels Ray pods app.kubernetes.io/name=kuberay and its RayService head Service selects on that,
+so a pod template must leave that key (and created-by, ray.io/*) to KubeRay.
+*/}}
+{{- define "apar-serve.rayPodSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+apar-serve/ray-node: "true"
+{{- end -}}
+
 {{- define "apar-serve.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "apar-serve.selectorLabels" . }}
