@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -90,6 +91,15 @@ def _load(args: argparse.Namespace) -> ServeAppConfig:
     )
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def _ray_cpus(cfg: ServeAppConfig, requested: float | None) -> int:
     """Logical CPUs for the local Ray: enough for every replica the config asks for.
 
@@ -151,6 +161,11 @@ def run_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if args.num_cpus is not None and args.num_cpus <= 0:
         return _fail("--num-cpus must be positive")
+    for name, port in (("gRPC", cfg.grpc.port), ("HTTP", cfg.http.port)):
+        if not _port_free(port):
+            return _fail(
+                f"{name} port {port} is already in use (another apar serve?); pick another with --{name.lower()}-port"
+            )
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

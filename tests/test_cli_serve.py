@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 
 import pytest
 import redis
@@ -27,6 +30,37 @@ def _apar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*apar_command(), *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env()
     )
+
+
+@dataclass
+class TtyRun:
+    returncode: int
+    output: str
+
+
+def _apar_on_tty(*args: str, timeout: float = 120) -> TtyRun:
+    """Run `apar ARGS` with stdout/stderr on a pseudo-terminal, as in an interactive shell."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*apar_command(), *args], stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+                            env=subprocess_env(), close_fds=True)  # fmt: skip
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    rc = proc.wait(timeout=30)
+    return TtyRun(rc, b"".join(chunks).decode(errors="replace"))
 
 
 def _port_open(port: int) -> bool:
@@ -78,6 +112,12 @@ def test_serve_generate_ctrl_c(tmp_path):
         )
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "INVALID_ARGUMENT" in bad.stderr
 
+        live = _apar_on_tty("generate", "--server", f"127.0.0.1:{grpc_port}", "--prompt", "What are some tips?",
+                            "--max-tokens", "48")  # fmt: skip
+        assert live.returncode == 0, live.output
+        assert "root |" in live.output, "a terminal shows the branches live"
+        assert "\x1b[" in live.output  # cursor moves of the live view
+
         status = _apar("status", "--grpc-port", str(grpc_port))
         assert status.returncode == 0, status.stderr
         assert ": ok" in status.stdout and "1 worker replica(s)" in status.stdout
@@ -109,6 +149,17 @@ def test_serve_bad_input_exits_2_with_one_line(args, needle):
     out = _apar("serve", *args, timeout=60)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+
+
+def test_serve_refuses_a_busy_port():
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _apar("serve", "--model", require_model(), "--grpc-port", str(port), timeout=60)
+    assert (
+        out.returncode == 2 and out.stderr.count("\n") == 1 and f"port {port} is already in use" in out.stderr
+    )
 
 
 def test_serve_bad_config_file(tmp_path):
