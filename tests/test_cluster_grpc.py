@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cluster.cli_serve import state_file
 from protos.apar.v1 import apar_pb2 as pb
 from protos.apar.v1 import apar_pb2_grpc as pb_grpc
 
@@ -180,6 +182,45 @@ def test_fresh_stub_client_gets_forked_answer_and_live_stream(apar_cluster, fres
     assert len(early) >= 3 and len({round(e["t"], 3) for e in early}) >= 3
     # every event of the request came from the replica that produced the final answer
     assert {e["replica_id"] for e in events} == {finals[0]["replica_id"]}
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Sum of every `ray_apar_*` series by metric name."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("ray_apar_"):
+            name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+            totals[name] = totals.get(name, 0.0) + value
+    return totals
+
+
+def test_prometheus_metrics(apar_cluster, stub):
+    resp = stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=64), timeout=120)
+    url = json.loads(state_file(apar_cluster.grpc_port).read_text())["metrics_url"]
+    wanted = {
+        "ray_apar_requests_total": 1,
+        "ray_apar_branches_total": len(resp.branches),
+        "ray_apar_generated_tokens_total": resp.usage.completion_tokens,
+        "ray_apar_engine_steps_total": resp.usage.steps,
+        "ray_apar_time_to_first_token_seconds_count": 1,
+        "ray_apar_time_per_output_token_seconds_count": 1,
+    }
+    deadline = time.monotonic() + 60
+    while True:  # Ray exports on a period of a few seconds
+        got = _scrape(url)
+        if all(got.get(k, 0) >= v for k, v in wanted.items()):
+            break
+        assert time.monotonic() < deadline, f"metrics missing: want at least {wanted}, got {got}"
+        time.sleep(1)
+    for gauge in (
+        "ray_apar_kv_cache_usage_ratio",
+        "ray_apar_prefix_cache_hit_rate",
+        "ray_apar_running_requests",
+    ):
+        assert gauge in got
+    if len(resp.branches) > 1:
+        assert got.get("ray_apar_forks_total", 0) >= len(resp.branches) - 1
 
 
 def test_health_and_reflection(apar_cluster):
