@@ -106,6 +106,30 @@ def prefix_hashes(text: str, chunk_chars: int = PREFIX_CHUNK_CHARS) -> list[str]
     return out
 
 
+_METRIC: Any = None
+
+
+def _redis_error_metric(namespace: str) -> None:
+    """Bump `apar_redis_errors_total` (Prometheus, through Ray's metrics export) inside Ray."""
+    global _METRIC
+    if _METRIC is None:
+        try:
+            import ray
+            from ray.util.metrics import Counter
+
+            if not ray.is_initialized():
+                return
+            _METRIC = Counter(
+                "apar_redis_errors_total",
+                "Scheduler calls that found Redis unreachable (answered 'unknown')",
+                tag_keys=("namespace",),
+            )
+        except Exception:
+            _METRIC = False
+    if _METRIC:
+        _METRIC.inc(1, tags={"namespace": namespace})
+
+
 def _decode(v: Any) -> str | None:
     if v is None:
         return None
@@ -186,11 +210,12 @@ class SchedulerState:
 
     def _count_error(self) -> None:
         self.errors += 1
-        if self.on_error is not None:
-            try:
+        try:
+            _redis_error_metric(self.namespace)
+            if self.on_error is not None:
                 self.on_error()
-            except Exception:  # a metrics hook must never break routing
-                pass
+        except Exception:  # a metrics hook must never break routing
+            pass
 
     def _safe_url(self) -> str:
         if "@" not in self.url:
