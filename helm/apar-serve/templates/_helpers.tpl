@@ -139,7 +139,7 @@ Keys Helm drops when a user sets them to null are put back as null.
 {{- end -}}
 {{- end -}}
 
-{{/* Environment of every Ray container. */}}
+{{/* Environment of every Ray container; caches point into the /tmp emptyDir (read-only root fs). */}}
 {{- define "apar-serve.rayEnv" -}}
 {{- if .Values.redis.deploy }}
 - name: APAR_REDIS_PASSWORD
@@ -163,6 +163,10 @@ Keys Helm drops when a user sets them to null are put back as null.
   value: "1"
 - name: XDG_CACHE_HOME
   value: /tmp/.cache
+- name: CUDA_CACHE_PATH
+  value: /tmp/.nv
+- name: TRITON_CACHE_DIR
+  value: /tmp/.triton
 {{- with .Values.rayCluster.env }}
 {{ toYaml . }}
 {{- end }}
