@@ -109,10 +109,6 @@ class AparWorker:
     def stats(self) -> dict[str, Any]:
         return {"replica_id": self.replica_id, **dataclasses.asdict(self.engine.stats())}
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """Ray Serve polls this for the request router (RequestRouterConfig stats period)."""
-        return self.stats()
-
     async def ping(self) -> str:
         return self.replica_id
 
