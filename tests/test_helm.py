@@ -95,7 +95,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
     },
 }
-# Where each value set's model lives inside the Ray pods (None: apar.model unchanged).
+# Where each value set's model lives inside the worker pods (absent: apar.model as given).
 IN_POD_MODEL = {"pvc-model": "/models/apar-7b", "object-storage-model": "/models/apar-tiny"}
 
 
