@@ -86,6 +86,10 @@ def test_killing_a_replica_mid_generation_loses_and_duplicates_nothing(apar_clus
         assert isinstance(res, dict), f"request {i} failed: {res!r}"
         ref, final = reference[i], res["final"]
         assert final is not None, f"request {i} got no final message"
+        # Nothing lost or duplicated: the streamed tokens/text of each branch add up to the final's.
+        assert set(res["tokens"]) <= {b.id for b in final.branches}
+        assert all(res["tokens"].get(b.id, 0) == b.num_tokens for b in final.branches)
+        assert all(res["text"].get(b.id, "") == b.text for b in final.branches)
         assert final.text == ref["final"].text
         assert res["tokens"] == ref["tokens"], f"request {i}: tokens per branch differ (lost or duplicated)"
         assert res["text"] == ref["text"]
