@@ -121,13 +121,22 @@ def _start_ray(num_cpus: int) -> None:
     path = os.environ.get("PYTHONPATH", "")
     if str(_REPO_ROOT) not in path.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), path) if p)
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=os.environ.get("APAR_RAY_LOGS", "0") == "1",
-        namespace="apar",
-    )
+    kwargs: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": os.environ.get("APAR_RAY_LOGS", "0") == "1",
+        "namespace": "apar",
+    }
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:
+        # Ray gives its raylet a fixed 30 s to register; a busy machine can miss that once.
+        if "timed out during startup" not in str(exc):
+            raise
+        print("apar serve: Ray start-up timed out; retrying once", flush=True)
+        ray.shutdown()
+        ray.init(**kwargs)
 
 
 def _deploy(cfg: ServeAppConfig) -> None:

@@ -264,6 +264,8 @@ BAD_REQUESTS = {
     "timeout negative": (pb.GenerateRequest(prompt="a", timeout_s=-1), "timeout_s"),
     "empty stop string": (pb.GenerateRequest(prompt="a", sampling=pb.SamplingParams(stop=[""])), "stop"),
     "oversized prompt": (pb.GenerateRequest(prompt="x" * 1_000_000), "prompt too long"),
+    # under the character limit but longer than the model's context: rejected by the engine itself
+    "prompt over the context": (pb.GenerateRequest(prompt="7 " * 8000), "context"),
 }
 
 
