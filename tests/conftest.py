@@ -60,6 +60,7 @@ def start_serve(args: list[str], log_path: Path, timeout_s: float = 300.0) -> su
         stdin=subprocess.DEVNULL,
         cwd=ROOT,
         env=subprocess_env(),
+        start_new_session=True,  # its own process group, like a command started in a terminal
     )
     log.close()
     deadline = time.monotonic() + timeout_s
@@ -77,13 +78,13 @@ def start_serve(args: list[str], log_path: Path, timeout_s: float = 300.0) -> su
 
 
 def stop_serve(proc: subprocess.Popen, timeout_s: float = 90.0) -> int:
-    """Ctrl-C, as a user would; kill only if it hangs. Returns the exit code."""
+    """Ctrl-C as a terminal sends it (to the whole process group); kill only if it hangs."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     return proc.returncode
 
