@@ -5,7 +5,7 @@ replica are batched together (continuous batching) and all branches of a request
 replica's KV blocks. `generate` streams the engine's items back to the ingress through a
 streaming DeploymentHandle; the first item names the replica, so every event the client sees
 says where it was produced. The scheduler's LoadReporter publishes this replica's load and
-records which branches ran here (replica-side records in Redis).
+records which branches ran here (replica-side records in Redis: `ran:{request_id}`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,7 +26,6 @@ from cluster.metrics import WorkerMetrics
 from cluster.state import state_from_config
 
 log = logging.getLogger("ray.serve")
-_MAX_RECORDS = 10_000
 
 
 @serve.deployment(name=WORKER_DEPLOYMENT)
@@ -42,8 +40,6 @@ class AparWorker:
         self.replica_id = current_replica_id()
         self.engine = AsyncEngine(EngineConfig(**self.cfg.engine_kwargs()))
         self.metrics = WorkerMetrics(self.replica_id, self.cfg.model)
-        # request_id -> branch ids that ran on this replica (bounded, newest last).
-        self.records: OrderedDict[str, set[int]] = OrderedDict()
         state = state_from_config(dataclasses.asdict(self.cfg.redis))
         self.reporter: LoadReporter | None = None
         if state is not None:
@@ -60,14 +56,6 @@ class AparWorker:
                 self.metrics.observe_engine(self.engine.stats())
             except Exception:  # metrics must never take the replica down
                 log.exception("metrics sampling failed")
-
-    def _record(self, request_id: str, branch_id: int) -> None:
-        ran = self.records.get(request_id)
-        if ran is None:
-            ran = self.records[request_id] = set()
-            while len(self.records) > _MAX_RECORDS:
-                self.records.popitem(last=False)
-        ran.add(branch_id)
 
     async def generate(
         self, req: GenerateRequest, timeout_s: float = 0.0
@@ -88,23 +76,16 @@ class AparWorker:
         try:
             async for item in stream:
                 if isinstance(item, BranchEvent):
-                    self._record(req.request_id, item.branch_id)
                     if not req.stream:
                         continue  # unary calls only need the final output
                 else:
                     done = True
-                    for b in item.branches:
-                        self._record(req.request_id, b.id)
                     self.metrics.observe_request(item)
                 yield item
         finally:
             if not done:  # caller gone: close the wrappers now, and make sure the engine aborts
                 await stream.aclose()
                 await self.engine.cancel(req.request_id)
-
-    def ran_here(self, request_id: str) -> list[int]:
-        """Branch ids of `request_id` that this replica decoded (empty if none)."""
-        return sorted(self.records.get(request_id, ()))
 
     def stats(self) -> dict[str, Any]:
         return {"replica_id": self.replica_id, **dataclasses.asdict(self.engine.stats())}
