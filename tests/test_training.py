@@ -14,6 +14,7 @@ from apar_worker.training.examples import (
     IGNORE,
     apar_examples,
     branch_tokens,
+    pack_tree,
     seq_example,
     sequential_tokens,
     special_ids,
@@ -147,6 +148,70 @@ def test_engine_branch_context_equals_training_example(tok) -> None:
     assert out.text == item.answer
     assert len(out.branches) == 1 + len(tree.children)
     assert sorted(map(tuple, seen.values())) == sorted(tuple(e.input_ids) for e in examples)
+
+
+def test_packed_tree_equals_per_branch_examples(tok) -> None:
+    """The packed row with its tree mask is the per-branch examples in one pass: every token sees
+    the same (token, position) context, predicts the same target, and the loss is identical."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    items = make_items()
+    item = next(it for it in items if it.tree is not None)
+    tree = Tree(
+        ["Intro\n1. A:", "\n2. B:", "\nBye"],
+        [Tree([" x y.", " z."], [Tree([" nested body."])]), Tree([" Walk daily."])],
+    )  # includes a grandchild: depth 2
+    for t in (tree, tree_from_dict(item.tree)):
+        p = prompt_ids(tok, "Tips?")
+        exs = apar_examples(tok, p, t)
+        packed = pack_tree(tok, p, t)
+        mask = packed.attention_mask()
+        contexts = set()
+        for i in range(len(packed)):
+            seen = [(packed.input_ids[j], packed.position_ids[j]) for j in range(len(packed)) if mask[i, j]]
+            assert [q for _, q in seen] == list(range(len(seen)))  # contiguous positions 0..i
+            if packed.targets[i] != IGNORE:
+                contexts.add((tuple(x for x, _ in seen), packed.targets[i]))
+        expected = {
+            (tuple(e.input_ids[: k + 1]), e.labels[k + 1])
+            for e in exs
+            for k in range(len(e) - 1)
+            if e.labels[k + 1] != IGNORE
+        }
+        assert contexts == expected
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).eval()
+    with torch.no_grad():
+        per_branch = 0.0
+        for e in exs:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1]
+            per_branch += float(
+                torch.nn.functional.cross_entropy(
+                    logits, torch.tensor(e.labels[1:]), ignore_index=IGNORE, reduction="sum"
+                )
+            )
+        logits = model(
+            input_ids=torch.tensor([packed.input_ids]),
+            attention_mask=mask[None, None],
+            position_ids=torch.tensor([packed.position_ids]),
+        ).logits[0]
+        one_pass = float(
+            torch.nn.functional.cross_entropy(
+                logits, torch.tensor(packed.targets), ignore_index=IGNORE, reduction="sum"
+            )
+        )
+    assert one_pass == pytest.approx(per_branch, rel=1e-4)
+    assert len(packed) < sum(len(e) for e in exs)
 
 
 def _tiny_config(data_dir: Path, tmp: Path, mode: str, steps: int) -> RunConfig:

@@ -37,6 +37,15 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(path)
     except ValueError as exc:
         return _fail(str(exc))
+    if args.export_step is not None:
+        from apar_worker.training.train import export_snapshot
+
+        try:
+            out = export_snapshot(cfg, args.export_step)
+        except ValueError as exc:
+            return _fail(str(exc))
+        print(json.dumps({"model_dir": str(out), "steps": args.export_step}))
+        return 0
     if args.steps is not None:
         cfg.train.steps = args.steps
     info = train(cfg, progress=not args.quiet)
@@ -66,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--config", required=True, help="YAML config, e.g. configs/apar-tiny.yaml")
     t.add_argument("--steps", type=int, default=None, help="override the config's step count")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--export-step", type=int, default=None, help="only export the snapshot of this step")
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="fork rate, step ratio and held-out loss vs a sequential twin")

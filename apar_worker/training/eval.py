@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,10 +194,19 @@ def run_eval_cli(args) -> int:
     if args.update_cards:
         from apar_worker.model_registry import resolve_model
 
-        cmd = (
-            " ".join(["apar", *sys.argv[1:]])
-            if sys.argv[0].endswith("apar")
-            else "apar eval " + " ".join(a for a in sys.argv[2:])
+        cmd = shlex.join(
+            [
+                "apar",
+                "eval",
+                "--model",
+                args.model,
+                "--baseline",
+                args.baseline,
+                "--max-tokens",
+                str(args.max_tokens),
+            ]
+            + (["--prompts", args.prompts] if args.prompts else [])
+            + (["--limit", str(args.limit)] if args.limit else [])
         )
         for name in (args.model, args.baseline):
             write_eval(resolve_model(name), cmd, summary)

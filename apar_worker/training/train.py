@@ -24,7 +24,9 @@ from apar_worker.training.data import DataConfig, Item, build, load_items, tree_
 from apar_worker.training.examples import (
     IGNORE,
     Example,
+    PackedTree,
     apar_examples,
+    pack_tree,
     plain_example,
     seq_example,
     special_ids,
@@ -88,14 +90,40 @@ def load_config(path: Path) -> RunConfig:
         raise ValueError(f"{path}: {exc}") from exc
 
 
-def item_examples(tok, item: Item, mode: str, ids) -> list[Example]:
+Row = Example | PackedTree
+
+
+def item_examples(tok, item: Item, mode: str, ids, packed: bool = True) -> list[Row]:
+    """A turn's training rows: one causal row, or (APAR) one packed tree / one row per branch."""
     p = prompt_ids(tok, item.prompt)
     if item.tree is None:
         return [plain_example(tok, p, item.answer, ids)]
     tree = tree_from_dict(item.tree)
-    return (
-        apar_examples(tok, p, tree, ids) if mode == "apar" else [seq_example(tok, p, tree, item.answer, ids)]
-    )
+    if mode == "seq":
+        return [seq_example(tok, p, tree, item.answer, ids)]
+    return [pack_tree(tok, p, tree, ids)] if packed else list(apar_examples(tok, p, tree, ids))
+
+
+def turn_length(rows: list[Row], item: Item) -> int:
+    """prompt + answer text + EOS + 2 per child, whatever the mode: both modes keep the same turns.
+
+    (A packed tree is prompt + text + a [Fork] and a [Child] per child; the twin's row is
+    prompt + text + EOS.)
+    """
+    if item.tree is None:
+        return len(rows[0])
+    if isinstance(rows[0], PackedTree):
+        return len(rows[0]) + 1
+    n = len(tree_from_dict(item.tree).children)
+    if len(rows) == 1:
+        return len(rows[0]) + 2 * n
+    return sum(n_targets(r) for r in rows) + len(rows[0]) - n_targets(rows[0])  # per-branch rows
+
+
+def n_targets(row: Row) -> int:
+    if isinstance(row, PackedTree):
+        return sum(t != IGNORE for t in row.targets)
+    return sum(t != IGNORE for t in row.labels[1:])
 
 
 def build_model(cfg: RunConfig, tok):
@@ -124,15 +152,39 @@ def build_model(cfg: RunConfig, tok):
     return LlamaForCausalLM(conf)
 
 
-def micro_batches(examples: list[Example], micro_tokens: int) -> list[list[Example]]:
-    """Group length-sorted examples so each padded micro-batch stays under micro_tokens."""
-    groups: list[list[Example]] = []
-    for ex in sorted(examples, key=len):
-        if groups and (len(groups[-1]) + 1) * len(ex) <= micro_tokens:
-            groups[-1].append(ex)
-        else:
-            groups.append([ex])
+def micro_batches(examples: list[Row], micro_tokens: int) -> list[list[Row]]:
+    """Group length-sorted rows of one kind so each padded micro-batch stays under micro_tokens."""
+    groups: list[list[Row]] = []
+    for kind in (Example, PackedTree):
+        start = len(groups)
+        for ex in sorted((e for e in examples if isinstance(e, kind)), key=len):
+            if len(groups) > start and (len(groups[-1]) + 1) * len(ex) <= micro_tokens:
+                groups[-1].append(ex)
+            else:
+                groups.append([ex])
     return groups
+
+
+def collate_packed(group: list[PackedTree], pad_id: int, device):
+    """Right-padded packed trees with their [B, 1, T, T] tree masks and explicit positions."""
+    n = max(len(e) for e in group)
+    inp = torch.full((len(group), n), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(group), n), dtype=torch.long)
+    tgt = torch.full((len(group), n), IGNORE, dtype=torch.long)
+    mask = torch.stack([e.attention_mask(n) for e in group])[:, None]
+    for i, e in enumerate(group):
+        inp[i, : len(e)] = torch.tensor(e.input_ids)
+        pos[i, : len(e)] = torch.tensor(e.position_ids)
+        tgt[i, : len(e)] = torch.tensor(e.targets)
+    return inp.to(device), pos.to(device), tgt.to(device), mask.to(device)
+
+
+def packed_loss_sum(model, inp, pos, tgt, mask) -> torch.Tensor:
+    """Summed loss of packed trees: targets are already aligned (next token in the same branch)."""
+    logits = model(input_ids=inp, attention_mask=mask, position_ids=pos).logits
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def collate(group: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,20 +233,20 @@ def prepare(cfg: RunConfig):
         build(data_dir, cfg.data)
     tok = load_tokenizer(data_dir / "tokenizer")
     ids = special_ids(tok)
-    pools: dict[str, list[list[Example]]] = {"structured": [], "unstructured": []}
+    pools: dict[str, list[list[Row]]] = {"structured": [], "unstructured": []}
     for item in load_items(data_dir / "train.jsonl"):
         exs = item_examples(tok, item, cfg.mode, ids)
-        if max(len(e) for e in exs) <= cfg.train.max_seq_len:
+        if turn_length(exs, item) <= cfg.train.max_seq_len:
             pools[item.kind].append(exs)
     if not pools["structured"] or not pools["unstructured"]:
         raise ValueError(f"{data_dir}: need both structured and unstructured training turns")
     return tok, pools
 
 
-def sample_step(pools: dict[str, list[list[Example]]], t: TrainConfig, step: int) -> list[Example]:
+def sample_step(pools: dict[str, list[list[Row]]], t: TrainConfig, step: int) -> list[Row]:
     """The step's turns depend only on (seed, step): both modes and resumed runs draw the same."""
     rng = random.Random(t.seed * 1_000_003 + step)
-    out: list[Example] = []
+    out: list[Row] = []
     for _ in range(t.batch_turns):
         pool = pools["structured"] if rng.random() < t.structured_share else pools["unstructured"]
         out += pool[rng.randrange(len(pool))]
@@ -227,14 +279,18 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, t)
         examples = sample_step(pools, t, step)
-        n_label = sum(sum(lab != IGNORE for lab in e.labels[1:]) for e in examples)
+        n_label = sum(n_targets(e) for e in examples)
         total = 0.0
         for group in micro_batches(examples, t.micro_tokens):
-            inp, lab, mask = collate(group, tok.pad_token_id, device)
-            loss, _ = loss_sum(model, inp, lab)
+            if isinstance(group[0], PackedTree):
+                inp, pos, tgt, mask = collate_packed(group, tok.pad_token_id, device)
+                loss = packed_loss_sum(model, inp, pos, tgt, mask)
+            else:
+                inp, lab, _ = collate(group, tok.pad_token_id, device)
+                loss, _ = loss_sum(model, inp, lab)
             (loss / n_label).backward()
             total += loss.item()
-            tokens_seen += int(mask.sum())
+            tokens_seen += sum(len(e) for e in group)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -264,6 +320,31 @@ def save_checkpoint(path: Path, model, opt, step: int, history: list[float]) -> 
         {"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "history": history}, tmp
     )
     tmp.replace(path)
+    # Weights-only snapshot per checkpoint: a twin can be exported at the step its APAR peer
+    # stopped at (same steps, same turns), and any run can be inspected later.
+    torch.save(
+        {"model": model.state_dict(), "step": step, "history": history}, path.parent / f"snap-{step:05d}.pt"
+    )
+
+
+def export_snapshot(cfg: RunConfig, step: int) -> Path:
+    """Export the model as it was at `step` (from its snapshot) instead of the final one."""
+    snap = Path(cfg.run_dir) / f"snap-{step:05d}.pt"
+    if not snap.is_file():
+        raise ValueError(f"no snapshot for step {step} in {cfg.run_dir}")
+    tok = load_tokenizer(Path(cfg.data_dir) / "tokenizer")
+    model = build_model(cfg, tok)
+    state = torch.load(snap, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    history = state["history"]
+    info = {
+        "steps": step,
+        "planned_steps": cfg.train.steps,
+        "stopped_early": step < cfg.train.steps,
+        "final_train_loss": round(sum(history[-20:]) / max(1, len(history[-20:])), 4),
+        "tokens_per_s": None,
+    }
+    return export(cfg, model, tok, info)
 
 
 def export(cfg: RunConfig, model, tok, info: dict) -> Path:

@@ -1,0 +1,110 @@
+"""`apar eval` end to end on two tiny freshly trained models (engine decoding, loss, cards)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from training_utils import make_data_dir
+
+from apar_worker.training.eval import HELDOUT_PROMPTS, evaluate, load_prompts
+from apar_worker.training.train import ModelConfig, RunConfig, TrainConfig, train
+from cluster.cli import main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    tmp = tmp_path_factory.mktemp("eval")
+    data = make_data_dir(tmp / "data")
+    out = []
+    for mode in ("apar", "seq"):
+        cfg = RunConfig(
+            name=f"tiny-{mode}",
+            mode=mode,
+            data_dir=str(data),
+            out_dir=str(tmp / f"model-{mode}"),
+            run_dir=str(tmp / f"run-{mode}"),
+            model=ModelConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=256,
+            ),
+            train=TrainConfig(
+                steps=40, batch_turns=4, lr=1e-2, warmup=2, max_seq_len=256, checkpoint_every=40
+            ),
+        )
+        train(cfg, progress=False)
+        out.append(Path(cfg.out_dir))
+    prompts = tmp / "prompts.jsonl"
+    rows = [json.loads(line) for line in (data / "heldout.jsonl").read_text().splitlines()]
+    with prompts.open("w") as f:
+        for r in rows[:4]:
+            f.write(json.dumps({k: r[k] for k in ("id", "kind", "prompt", "answer", "tree")}) + "\n")
+    return out[0], out[1], prompts
+
+
+def test_evaluate_reports_every_figure(models: tuple[Path, Path, Path]) -> None:
+    apar, seq, prompts = models
+    items = load_prompts(prompts)
+    report = evaluate(str(apar), str(seq), items, max_tokens=48, progress=False)
+    assert report["prompts"] == {"structured": 2, "unstructured": 2}
+    assert len(report["per_prompt"]) == 4
+    for row in report["per_prompt"]:
+        assert 1 <= row["apar_steps"] <= 48 and 1 <= row["seq_steps"] <= 48
+        assert row["children"] >= 0 and not row["control_tokens_in_text"]
+    assert 0.0 <= report["fork_rate"] <= 1.0 and 0.0 <= report["spurious_fork_rate"] <= 1.0
+    assert report["step_ratio"] > 0 and 0 < report["oracle_step_ratio"] < 1
+    loss = report["heldout_loss"]
+    assert loss["tokens"]["apar"] == loss["tokens"]["seq"] > 0  # the very same answer tokens
+    assert math.isfinite(loss["apar"]) and math.isfinite(loss["seq"])
+    assert loss["apar"] < math.log(400) and loss["seq"] < math.log(400)  # trained: better than uniform
+
+
+def test_eval_cli_writes_json_and_cards(models: tuple[Path, Path, Path], tmp_path: Path, capsys) -> None:
+    apar, seq, prompts = models
+    out = tmp_path / "report.json"
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(apar),
+            "--baseline",
+            str(seq),
+            "--prompts",
+            str(prompts),
+            "--max-tokens",
+            "16",
+            "--json",
+            str(out),
+            "--update-cards",
+        ]
+    )
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "fork_rate" in summary and len(json.loads(out.read_text())["per_prompt"]) == 4
+    for d in (apar, seq):
+        card = (d / "README.md").read_text()
+        assert "## Evaluation" in card and "fork_rate" in card and "apar eval" in card
+
+
+def test_eval_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "kind": "poem", "prompt": "x"}\n')
+    assert main(["eval", "--prompts", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "kind" in err[0]
+    assert main(["eval", "--model", "no-such-model", "--prompts", str(HELDOUT_PROMPTS), "--limit", "1"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_shipped_heldout_prompts_file() -> None:
+    items = load_prompts(HELDOUT_PROMPTS)
+    kinds = [p.kind for p in items]
+    assert kinds.count("structured") >= 40 and kinds.count("unstructured") >= 40
+    assert len({p.id for p in items}) == len(items)
+    assert all(p.tree is not None for p in items if p.kind == "structured")
