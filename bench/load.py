@@ -34,8 +34,13 @@ from bench.common import (
 )
 from bench.serve_local import LocalServe
 
-APAR, TWIN, VLLM = "apar", "twin", "twin-vllm"
-LABELS = {APAR: "APAR, our cluster", TWIN: "twin, our cluster", VLLM: "twin, vLLM-CPU"}
+APAR, TWIN, VLLM, ENGINE = "apar", "twin", "twin-vllm", "twin-engine"
+LABELS = {
+    APAR: "APAR, our cluster",
+    TWIN: "twin, our cluster",
+    VLLM: "twin, vLLM-CPU",
+    ENGINE: "twin, our engine in-process",
+}
 
 
 @dataclass
@@ -113,6 +118,64 @@ class VllmTarget:
 
     def close(self) -> None:
         pass
+
+
+class EngineTarget:
+    """Our engine in this process (AsyncEngine on its own event loop): the cluster's cost left out."""
+
+    def __init__(self, model: str, fork: bool, timeout_s: float):
+        import asyncio
+
+        from apar_worker.async_engine import AsyncEngine
+        from apar_worker.engine import EngineConfig
+
+        import torch
+
+        torch.set_num_threads(1)  # as in a worker replica (Ray gives a 1-CPU actor one thread)
+        cfg = EngineConfig(model=model, device="cpu", kv_cache_memory_mb=128, max_num_seqs=128)
+        self.fork, self.timeout_s = fork, timeout_s
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="bench-engine-loop").start()
+        self.engine = asyncio.run_coroutine_threadsafe(self._make(cfg, AsyncEngine), self.loop).result()
+
+    @staticmethod
+    async def _make(cfg, cls):
+        return cls(cfg)
+
+    async def _one(self, prompt: Prompt, max_tokens: int) -> Result:
+        from apar_worker.types import GenerateRequest, RequestOutput, SamplingParams
+
+        req = GenerateRequest(
+            messages=prompt.messages(), fork=self.fork, sampling=SamplingParams(max_tokens=max_tokens)
+        )
+        start, ttft = time.perf_counter(), None
+        async for item in self.engine.generate(req):
+            if isinstance(item, RequestOutput):
+                ok = item.error is None
+                return Result(
+                    ok,
+                    start,
+                    ttft,
+                    time.perf_counter() - start,
+                    item.num_tokens,
+                    prompt.kind,
+                    item.error or "",
+                )
+            if ttft is None and item.new_token_ids:
+                ttft = time.perf_counter() - start
+        return Result(False, start, ttft, time.perf_counter() - start, 0, prompt.kind, "no output")
+
+    def __call__(self, prompt: Prompt, max_tokens: int) -> Result:
+        import asyncio
+
+        fut = asyncio.run_coroutine_threadsafe(self._one(prompt, max_tokens), self.loop)
+        return fut.result(timeout=self.timeout_s)
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.engine.shutdown(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def chat_ids(tokenizer, prompt: Prompt) -> list[int]:
@@ -226,6 +289,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 targets[name] = run_target(name, target, prompts, args)
             finally:
                 target.close()
+    if args.engine_only:
+        print("twin on our engine in this process (no Ray Serve, no gRPC) ...", flush=True)
+        target = EngineTarget(str(twin_dir), fork=False, timeout_s=args.timeout)
+        try:
+            target(prompts[0], 8)
+            targets[ENGINE] = run_target(ENGINE, target, prompts, args)
+        finally:
+            target.close()
     if not args.no_vllm:
         from bench import vllm_peer
 
@@ -351,14 +422,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--local", action="store_true", help="start apar serve ourselves (the default)")
     p.add_argument("--rate", dest="rates", type=_rates, default=[1.0, 2.0, 4.0, 8.0], metavar="R[,R...]",
                    help="offered request rates, req/s (default 1,2,4,8)")  # fmt: skip
-    p.add_argument("--duration", type=float, default=15.0, metavar="S", help="arrivals per rate (s)")
-    p.add_argument("--max-requests", type=int, default=48, metavar="N", help="cap per rate")
-    p.add_argument("--max-tokens", type=int, default=192, metavar="N")
+    p.add_argument("--duration", type=float, default=10.0, metavar="S", help="arrivals per rate (s)")
+    p.add_argument("--max-requests", type=int, default=32, metavar="N", help="cap per rate")
+    p.add_argument("--max-tokens", type=int, default=160, metavar="N")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout")
     p.add_argument("--model", default="apar-tiny")
     p.add_argument("--baseline", default="apar-tiny-seq")
     p.add_argument("--no-fork", action="store_true", help="with --server: send fork=false")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
+    p.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="also the twin on our engine in-process (cluster cost left out)",
+    )
     p.add_argument("--max-model-len", type=int, default=1024, help="vLLM context length")
     p.add_argument("--num-cpus", type=float, default=2.0, help="CPUs Ray may use for apar serve")
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl")

