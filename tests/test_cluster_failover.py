@@ -94,7 +94,7 @@ def test_killing_a_replica_mid_generation_loses_and_duplicates_nothing(apar_clus
         assert res["tokens"] == ref["tokens"], f"request {i}: tokens per branch differ (lost or duplicated)"
         assert res["text"] == ref["text"]
         assert res["created"] == ref["created"] and res["finished"] == ref["finished"]
-        assert max(res["created"].values()) == 1 and max(res["finished"].values()) == 1
+        assert all(n <= 1 for n in [*res["created"].values(), *res["finished"].values()])  # never twice
         assert final.replica_id != victim
         moved += victim in res["replicas"]
     assert moved >= 1, "the killed replica was serving none of the streams"
