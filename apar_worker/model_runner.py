@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from apar_worker.attention import ATTN_IMPLEMENTATION, FORWARD_CONTEXT, AttentionMetadata, SeqSlice
 from apar_worker.kv_cache import KVCache
@@ -38,6 +39,7 @@ def parse_dtype(dtype: str) -> torch.dtype:
 
 def load_model_and_tokenizer(name_or_path: str, device: torch.device, dtype: torch.dtype):
     path: Path = resolve_model(name_or_path)
+    hf_logging.disable_progress_bar()  # the CLI prints answers, not weight-loading bars
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
