@@ -33,6 +33,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "What are some tips for staying healthy?"
+# Prompts whose answers are lists; acceptance 1 needs one the model answers with forks.
+STRUCTURED_PROMPTS = [
+    "Give me 5 tips to improve my productivity.",
+    "What are some tips for staying healthy?",
+    "How can I learn a new language quickly?",
+]
 
 # Runs in a separate interpreter with only the freshly generated stubs on its path.
 FRESH_CLIENT = textwrap.dedent(
@@ -41,20 +47,23 @@ FRESH_CLIENT = textwrap.dedent(
     import grpc
     from apar.v1 import apar_pb2, apar_pb2_grpc
 
-    address, prompt, max_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    address, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     stub = apar_pb2_grpc.AparServiceStub(grpc.insecure_channel(address))
-    req = apar_pb2.GenerateRequest(
-        messages=[apar_pb2.ChatMessage(role="user", content=prompt)], max_tokens=max_tokens
-    )
-    unary = stub.Generate(req, timeout=120)
-    out = {"unary": {
+    for prompt in prompts:  # the first structured prompt the model forks on
+        req = apar_pb2.GenerateRequest(
+            messages=[apar_pb2.ChatMessage(role="user", content=prompt)], max_tokens=max_tokens
+        )
+        unary = stub.Generate(req, timeout=180)
+        if len(unary.branches) > 1:
+            break
+    out = {"prompt": prompt, "unary": {
         "text": unary.text, "finish_reason": unary.finish_reason, "replica_id": unary.replica_id,
         "completion_tokens": unary.usage.completion_tokens, "steps": unary.usage.steps,
         "branches": [{"id": b.id, "parent": b.parent_id if b.HasField("parent_id") else None,
                       "text": b.text} for b in unary.branches],
     }, "stream": []}
     t0 = time.monotonic()
-    for msg in stub.GenerateStream(req, timeout=120):
+    for msg in stub.GenerateStream(req, timeout=180):
         t = time.monotonic() - t0
         if msg.HasField("final"):
             out["stream"].append({"t": t, "final": True, "text": msg.final.text,
@@ -144,10 +153,10 @@ def _tokens(progress: dict) -> int:
 
 def test_fresh_stub_client_gets_forked_answer_and_live_stream(apar_cluster, fresh_client, replicas_before):
     run = subprocess.run(
-        [sys.executable, str(fresh_client), apar_cluster.address, PROMPT, "200"],
+        [sys.executable, str(fresh_client), apar_cluster.address, "200", *STRUCTURED_PROMPTS],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
         cwd=fresh_client.parent,  # only the fresh stubs are importable as `apar.v1`
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -156,7 +165,7 @@ def test_fresh_stub_client_gets_forked_answer_and_live_stream(apar_cluster, fres
     unary = out["unary"]
     assert unary["finish_reason"] in ("stop", "length")
     branches = unary["branches"]
-    assert len(branches) > 1, f"expected a forked answer, got one branch: {unary['text']!r}"
+    assert len(branches) > 1, f"no forked answer to any of {STRUCTURED_PROMPTS}: last {unary['text']!r}"
     ids = {b["id"] for b in branches}
     assert [b for b in branches if b["parent"] is None] == [branches[0]]
     assert all(b["parent"] in ids for b in branches[1:])
