@@ -169,8 +169,11 @@ def test_fresh_stub_client_gets_forked_answer_and_live_stream(apar_cluster, fres
     ids = {b["id"] for b in branches}
     assert [b for b in branches if b["parent"] is None] == [branches[0]]
     assert all(b["parent"] in ids for b in branches[1:])
-    for b in branches:  # the answer is assembled from every branch's text, in reading order
-        assert b["text"] in unary["text"]
+    # the answer is assembled from the branches: children are spliced into their parent's text
+    parents = {b["parent"] for b in branches}
+    for leaf in (b for b in branches if b["id"] not in parents):
+        assert leaf["text"] in unary["text"]
+    assert sorted(unary["text"]) == sorted("".join(b["text"] for b in branches))
     assert unary["replica_id"] in replicas_before
     assert 0 < unary["completion_tokens"] <= 200 and unary["steps"] < unary["completion_tokens"]
 
