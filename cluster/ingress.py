@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -100,8 +101,12 @@ class AparIngress:
         if rid in self._inflight:
             raise GrpcError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight")
 
+        deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+
         def start(attempt: int) -> DeploymentResponseGenerator:
-            gen = self.worker.options(stream=True).generate.remote(req, timeout_s)
+            # a retry gets what is left of the request's timeout, not a fresh one
+            left = max(0.001, deadline - time.monotonic()) if deadline is not None else 0.0
+            gen = self.worker.options(stream=True).generate.remote(req, left)
             self._inflight[rid] = gen
             return gen
 
