@@ -267,7 +267,11 @@ class Engine:
         br.tokens.append(tok)
         state.num_generated += 1
         self.generated_tokens += 1
-        event = BranchEvent(req.request_id, br.id, br.parent.id if br.parent else None, [tok])
+        # A child's creation has its own event; the root's first token announces the root.
+        first_root = br.parent is None and len(br.tokens) == br.own_start + 1
+        event = BranchEvent(
+            req.request_id, br.id, br.parent.id if br.parent else None, [tok], created=first_root
+        )
         results.append(event)
         if br.detok is not None:
             delta = br.detok.add(tok)

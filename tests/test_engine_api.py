@@ -35,6 +35,7 @@ def test_async_engine_streams_events_before_the_end_and_cancel_frees_blocks():
             assert isinstance(items[-1], RequestOutput) and items[-1].num_tokens == 20
             events = [i for i in items[:-1] if isinstance(i, BranchEvent)]
             assert len(events) == 20 and all(e.new_token_ids for e in events)
+            assert events[0].created and not any(e.created for e in events[1:])
             assert "".join(e.delta_text for e in events).strip() == items[-1].text.strip()
 
             long = GenerateRequest(prompt_token_ids=[8, 9], sampling=SamplingParams(max_tokens=500, ignore_eos=True))
