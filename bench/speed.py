@@ -315,7 +315,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         apar_dir, twin_dir = resolve_model(args.model), resolve_model(args.baseline)
     except ModelLoadError as exc:
         raise BenchError(str(exc)) from None
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, apar_dir, twin_dir)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, Any]:
     prompts = load_prompts(
         args.prompts, kind=None if args.all_kinds else "structured", limit=args.num_prompts
     )

@@ -68,6 +68,23 @@ def test_run_rate_sends_every_arrival_once_and_summarizes():
     assert row["tpot_s"]["p50"] > 0
 
 
+def test_engine_target_under_poisson_load(fork_model):
+    """The in-process engine target (AsyncEngine, real model): TTFT before e2e, tokens counted."""
+    from bench.load import EngineTarget
+
+    target = EngineTarget(str(fork_model), fork=True, timeout_s=60)
+    try:
+        prompts = common.mixed_prompts(None, 4)
+        results, window = run_rate(target, prompts, rate=20.0, duration_s=0.4, max_requests=6, max_tokens=12)
+    finally:
+        target.close()
+    assert results and all(r.ok for r in results)
+    assert all(0 < r.ttft_s < r.e2e_s <= window for r in results)
+    assert all(0 < r.tokens <= 12 for r in results)  # max_tokens bounds all branches together
+    row = summarize_rate(results, window, 20.0)
+    assert row["failed"] == 0 and row["out_tok_s"] > 0
+
+
 def test_check_loopback_refuses_other_hosts():
     assert common.check_loopback("127.0.0.1:50051") == ("127.0.0.1", 50051)
     for bad in ("10.0.0.2:50051", "example.com:80", "127.0.0.1"):
