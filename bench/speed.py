@@ -18,6 +18,7 @@ from bench.common import (
     RESULTS_DIR,
     BenchError,
     Prompt,
+    fmt,
     load_prompts,
     machine,
     median,
@@ -214,6 +215,17 @@ def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
             systems[name]["median_attended_per_step"] = median([rs[i].attended_per_step or 0.0 for i in ids])
             systems[name]["median_attended_total"] = median([float(rs[i].attended_tokens or 0) for i in ids])
             systems[name]["median_branches"] = median([float(rs[i].branches) for i in ids])
+    apar = by.get(APAR, {})
+    if apar and twin:
+        forked = [i for i in apar if i in twin and apar[i].branches > 1]
+        # the parallel-decoding effect alone: prompts where the APAR model actually forked
+        systems[APAR]["prompts_forked"] = len(forked)
+        systems[APAR]["median_speedup_forked"] = median(
+            [ratio(twin[i].wall_s, apar[i].wall_s) for i in forked]
+        )
+        systems[APAR]["median_tok_s_ratio_forked"] = median(
+            [ratio(apar[i].tok_s, twin[i].tok_s) for i in forked]
+        )
     for name in systems:
         systems[name]["tok_s_ratio_vs_twin"] = ratio(
             systems[name]["median_tok_s"], systems.get(TWIN, {}).get("median_tok_s", float("nan"))
@@ -248,6 +260,12 @@ def print_tables(systems: dict[str, Any]) -> None:
     ]
     print(table(heads, rows))
     print("ratios are against the twin on our engine; speed-up = median over prompts of twin wall / wall")
+    a = systems.get(APAR, {})
+    if "prompts_forked" in a:
+        print(
+            f"APAR forked on {a['prompts_forked']}/{a['prompts']} prompts; on those: speed-up "
+            f"{fmt(a['median_speedup_forked'])}x, tok/s ratio {fmt(a['median_tok_s_ratio_forked'])}x"
+        )
     kv = [s for s in (APAR, TWIN) if "median_peak_kv_blocks" in systems.get(s, {})]
     if len(kv) == 2:
         a, t = systems[APAR], systems[TWIN]
