@@ -63,7 +63,7 @@ class Result:
 class GrpcTarget:
     """GenerateStream over one shared channel; TTFT = first event that carries a token."""
 
-    def __init__(self, address: str, fork: bool, timeout_s: float):
+    def __init__(self, address: str, fork: bool, timeout_s: float, unary: bool = False):
         import grpc
 
         from protos.apar.v1 import apar_pb2_grpc as pb_grpc
@@ -71,7 +71,16 @@ class GrpcTarget:
         check_loopback(address)
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.AparServiceStub(self.channel)
-        self.fork, self.timeout_s = fork, timeout_s
+        self.fork, self.timeout_s, self.unary = fork, timeout_s, unary
+
+    def _unary(self, msg, prompt: Prompt) -> Result:
+        """Generate (no per-step events); TTFT is the replica's own figure, network not included."""
+        start = time.perf_counter()
+        resp = self.stub.Generate(msg, timeout=self.timeout_s)
+        e2e = time.perf_counter() - start
+        return Result(
+            True, start, resp.timings.ttft_s or None, e2e, resp.usage.completion_tokens, prompt.kind
+        )
 
     def __call__(self, prompt: Prompt, max_tokens: int) -> Result:
         import grpc
@@ -84,6 +93,8 @@ class GrpcTarget:
         start = time.perf_counter()
         ttft = None
         try:
+            if self.unary:
+                return self._unary(msg, prompt)
             for item in self.stub.GenerateStream(msg, timeout=self.timeout_s):
                 if item.HasField("final"):
                     tokens = item.final.usage.completion_tokens
@@ -267,7 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     notes: list[str] = []
     log_dir = RESULTS_DIR / "tmp"
     if args.server:
-        target = GrpcTarget(args.server, fork=not args.no_fork, timeout_s=args.timeout)
+        target = GrpcTarget(args.server, fork=not args.no_fork, timeout_s=args.timeout, unary=args.unary)
         try:
             targets[TWIN if args.no_fork else APAR] = run_target(args.server, target, prompts, args)
         finally:
@@ -286,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         print(f"starting apar serve with {model.name} ...", flush=True)
         with LocalServe(serve_config(str(model), args), log_dir / f"serve-{name}.log", args.num_cpus) as srv:
-            target = GrpcTarget(srv.address, fork=fork, timeout_s=args.timeout)
+            target = GrpcTarget(srv.address, fork=fork, timeout_s=args.timeout, unary=args.unary)
             try:
                 target(prompts[0], 8)  # warm-up
                 targets[name] = run_target(name, target, prompts, args)
@@ -346,7 +357,7 @@ def _result(args, targets, notes) -> dict[str, Any]:
             "max_requests_per_rate": args.max_requests,
             "max_tokens": args.max_tokens,
             "prompt_mix": "held-out structured/unstructured, alternating",
-            "stream": True,
+            "stream": not args.unary,
         },
         "notes": notes,
         "targets": targets,
@@ -442,6 +453,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="apar-tiny")
     p.add_argument("--baseline", default="apar-tiny-seq")
     p.add_argument("--no-fork", action="store_true", help="with --server: send fork=false")
+    p.add_argument(
+        "--unary",
+        action="store_true",
+        help="our cluster via unary Generate (TTFT from the replica), not streamed",
+    )
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
     p.add_argument(
         "--targets",
