@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from bench import common
-from bench.load import Result, run_rate, summarize_rate
+from bench.load import run_rate, summarize_rate
+from bench.targets import Result
 from cluster.cli import main as apar
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -70,7 +71,7 @@ def test_run_rate_sends_every_arrival_once_and_summarizes():
 
 def test_engine_target_under_poisson_load(fork_model):
     """The in-process engine target (AsyncEngine, real model): TTFT before e2e, tokens counted."""
-    from bench.load import EngineTarget
+    from bench.targets import EngineTarget
 
     target = EngineTarget(str(fork_model), fork=True, timeout_s=60)
     try:
