@@ -39,6 +39,12 @@ def write_card(out: Path, name: str, mode: str, cfg: dict, info: dict) -> None:
         f"- Steps: {info['steps']} (planned {info['planned_steps']}{', stopped early by the time limit' if info['stopped_early'] else ''}), "
         f"{t['batch_turns']} turns per step, lr {t['lr']} cosine, AdamW; final train loss {info['final_train_loss']}, "
         f"{info['tokens_per_s']} tokens/s",
+        "- Selection: a structured turn is kept only when its prompt has a list cue (tips, ways, steps, what are, "
+        "how to, ...) and an unstructured one only when it has none (`LIST_CUE` in `apar_worker/training/data.py`), "
+        "so *when to fork* is learnable at this size; held-out prompts are selected the same way",
+        "- Training rows: APAR turns are packed trees (one row per answer, tree attention mask, positions as in "
+        "decoding); the twin sees the same turns in the same order as plain causal rows without control tokens",
+        "- Chat format: `<|user|>...<|end|><|assistant|>`; send prompts as chat messages (the CLI does by default)",
         "",
         _EVAL_MARK,
         "",

@@ -89,6 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--limit", type=int, default=None, help="at most this many prompts per kind")
     e.add_argument("--max-tokens", type=int, default=640, help="generation budget per request")
+    e.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="greedy with this penalty, both models"
+    )
     e.add_argument("--json", default=None, help="also write the report here")
     e.add_argument("--update-cards", action="store_true", help="write the figures into both model cards")
     e.set_defaults(func=_eval)

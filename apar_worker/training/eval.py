@@ -51,13 +51,15 @@ def load_prompts(path: Path) -> list[Prompt]:
     return out
 
 
-def run_alone(engine, prompt: str, fork: bool, max_tokens: int):
+def run_alone(engine, prompt: str, fork: bool, max_tokens: int, repetition_penalty: float = 1.0):
     """One request alone in the engine, greedy: the RequestOutput (its `steps` is DESIGN §7's)."""
     from apar_worker.types import GenerateRequest, RequestOutput, SamplingParams
 
     req = GenerateRequest(
         messages=[{"role": "user", "content": prompt}],
-        sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        sampling=SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty
+        ),
         fork=fork,
     )
     engine.add_request(req)
@@ -93,7 +95,12 @@ def answer_loss(model, tok, items: list[Prompt], mode: str) -> tuple[float, int]
 
 
 def evaluate(
-    model: str, baseline: str, prompts: list[Prompt], max_tokens: int, progress: bool = True
+    model: str,
+    baseline: str,
+    prompts: list[Prompt],
+    max_tokens: int,
+    progress: bool = True,
+    repetition_penalty: float = 1.0,
 ) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -109,8 +116,8 @@ def evaluate(
     tok = apar_eng.tokenizer
     rows = []
     for i, p in enumerate(prompts):
-        a = run_alone(apar_eng, p.prompt, True, max_tokens)
-        s = run_alone(seq_eng, p.prompt, False, max_tokens)
+        a = run_alone(apar_eng, p.prompt, True, max_tokens, repetition_penalty)
+        s = run_alone(seq_eng, p.prompt, False, max_tokens, repetition_penalty)
         row = {
             "id": p.id,
             "kind": p.kind,
@@ -132,6 +139,7 @@ def evaluate(
     report = {
         "prompts": {"structured": len(struct), "unstructured": len(plain)},
         "max_tokens": max_tokens,
+        "decoding": f"greedy, repetition_penalty={repetition_penalty}",
         "fork_rate": _mean([r["children"] >= 2 for r in struct]),
         "spurious_fork_rate": _mean([r["children"] >= 1 for r in plain]),
         "step_ratio": _mean([r["apar_steps"] / r["seq_steps"] for r in struct]),
@@ -183,7 +191,7 @@ def run_eval_cli(args) -> int:
             p for p in prompts if p.kind == "unstructured"
         ][: args.limit]
     try:
-        report = evaluate(args.model, args.baseline, prompts, args.max_tokens)
+        report = evaluate(args.model, args.baseline, prompts, args.max_tokens, True, args.repetition_penalty)
     except ModelLoadError as exc:
         print(f"apar: error: {exc}", file=sys.stderr)
         return 2
