@@ -38,7 +38,8 @@ class Client:
 
 def ask(i: int) -> list[tuple[str, str]]:
     """A short question the APAR model answers with a list (so it forks)."""
-    return [("user", f"What are some tips for {TOPICS[i % len(TOPICS)]}? (question {i})")]
+    # No per-call suffix: the shipped model forks on these plain questions, not on decorated ones.
+    return [("user", f"What are some tips for {TOPICS[i % len(TOPICS)]}?")]
 
 
 def long_system(tag: int) -> str:

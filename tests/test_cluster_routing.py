@@ -26,7 +26,7 @@ def test_every_branch_of_a_request_runs_on_one_replica(apar_cluster, client):
     n = 6
     ids = [f"conc-{uuid.uuid4().hex[:8]}-{i}" for i in range(n)]
     with ThreadPoolExecutor(n) as ex:
-        responses = list(ex.map(lambda i: client.generate(ask(i), 64, request_id=ids[i]), range(n)))
+        responses = list(ex.map(lambda i: client.generate(ask(i), 160, request_id=ids[i]), range(n)))
     used: set[str] = set()
     forked = 0
     for rid, resp in zip(ids, responses, strict=True):
