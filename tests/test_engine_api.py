@@ -22,15 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_engine(**kw) -> Engine:
-    return Engine.from_model(make_model("llama", seed=11), make_tokenizer(), EngineConfig(num_blocks=128, **kw))
+    return Engine.from_model(
+        make_model("llama", seed=11), make_tokenizer(), EngineConfig(num_blocks=128, **kw)
+    )
 
 
 def test_async_engine_streams_events_before_the_end_and_cancel_frees_blocks():
     async def scenario():
         aeng = AsyncEngine(engine=small_engine())
         try:
-            req = GenerateRequest(prompt_token_ids=[5, 6, 7], stream=True,
-                                  sampling=SamplingParams(max_tokens=20, ignore_eos=True))
+            req = GenerateRequest(
+                prompt_token_ids=[5, 6, 7],
+                stream=True,
+                sampling=SamplingParams(max_tokens=20, ignore_eos=True),
+            )
             items = [item async for item in aeng.generate(req)]
             assert isinstance(items[-1], RequestOutput) and items[-1].num_tokens == 20
             events = [i for i in items[:-1] if isinstance(i, BranchEvent)]
@@ -38,7 +43,9 @@ def test_async_engine_streams_events_before_the_end_and_cancel_frees_blocks():
             assert events[0].created and not any(e.created for e in events[1:])
             assert "".join(e.delta_text for e in events).strip() == items[-1].text.strip()
 
-            long = GenerateRequest(prompt_token_ids=[8, 9], sampling=SamplingParams(max_tokens=500, ignore_eos=True))
+            long = GenerateRequest(
+                prompt_token_ids=[8, 9], sampling=SamplingParams(max_tokens=500, ignore_eos=True)
+            )
             seen = 0
             async for _item in aeng.generate(long):
                 seen += 1
@@ -64,7 +71,9 @@ def test_async_engine_cancel_by_id_ends_request_as_cancelled():
     async def scenario():
         aeng = AsyncEngine(engine=small_engine())
         try:
-            req = GenerateRequest(prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=400, ignore_eos=True))
+            req = GenerateRequest(
+                prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=400, ignore_eos=True)
+            )
             final = None
             async for item in aeng.generate(req):
                 if isinstance(item, BranchEvent) and item.new_token_ids:
@@ -81,11 +90,21 @@ def test_async_engine_cancel_by_id_ends_request_as_cancelled():
 
 def test_seeded_sampling_is_independent_of_batch_composition():
     params = dict(max_tokens=16, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
-    alone = small_engine().generate([GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(**params))])
-    others = [GenerateRequest(prompt_token_ids=list(range(9, 9 + n)), sampling=SamplingParams(max_tokens=10, temperature=1.0))
-              for n in (3, 17, 30)]
+    alone = small_engine().generate(
+        [GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(**params))]
+    )
+    others = [
+        GenerateRequest(
+            prompt_token_ids=list(range(9, 9 + n)), sampling=SamplingParams(max_tokens=10, temperature=1.0)
+        )
+        for n in (3, 17, 30)
+    ]
     mixed = small_engine().generate(
-        [others[0], GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(**params)), *others[1:]]
+        [
+            others[0],
+            GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(**params)),
+            *others[1:],
+        ]
     )
     assert alone[0].branches[0].token_ids == mixed[1].branches[0].token_ids
     other_seed = small_engine().generate(
@@ -95,11 +114,25 @@ def test_seeded_sampling_is_independent_of_batch_composition():
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy():
-    greedy = small_engine().generate([GenerateRequest(prompt_token_ids=[4, 5], sampling=SamplingParams(max_tokens=12, ignore_eos=True))])
-    topk = small_engine().generate([GenerateRequest(prompt_token_ids=[4, 5], sampling=SamplingParams(
-        max_tokens=12, temperature=1.5, top_k=1, seed=3, ignore_eos=True))])
-    topp = small_engine().generate([GenerateRequest(prompt_token_ids=[4, 5], sampling=SamplingParams(
-        max_tokens=12, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True))])
+    greedy = small_engine().generate(
+        [GenerateRequest(prompt_token_ids=[4, 5], sampling=SamplingParams(max_tokens=12, ignore_eos=True))]
+    )
+    topk = small_engine().generate(
+        [
+            GenerateRequest(
+                prompt_token_ids=[4, 5],
+                sampling=SamplingParams(max_tokens=12, temperature=1.5, top_k=1, seed=3, ignore_eos=True),
+            )
+        ]
+    )
+    topp = small_engine().generate(
+        [
+            GenerateRequest(
+                prompt_token_ids=[4, 5],
+                sampling=SamplingParams(max_tokens=12, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True),
+            )
+        ]
+    )
     assert greedy[0].branches[0].token_ids == topk[0].branches[0].token_ids == topp[0].branches[0].token_ids
 
 
@@ -111,12 +144,26 @@ def test_repetition_penalty_follows_hf_semantics():
 
 def test_stop_string_ends_the_branch_and_is_cut_from_the_text():
     eng = small_engine()
-    base = eng.generate([GenerateRequest(prompt_token_ids=[5, 6, 7], fork=False,
-                                         sampling=SamplingParams(max_tokens=12, ignore_eos=True))])[0]
+    base = eng.generate(
+        [
+            GenerateRequest(
+                prompt_token_ids=[5, 6, 7],
+                fork=False,
+                sampling=SamplingParams(max_tokens=12, ignore_eos=True),
+            )
+        ]
+    )[0]
     words = base.text.split()
     stop = words[6]
-    stopped = small_engine().generate([GenerateRequest(prompt_token_ids=[5, 6, 7], fork=False,
-                                                       sampling=SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]))])[0]
+    stopped = small_engine().generate(
+        [
+            GenerateRequest(
+                prompt_token_ids=[5, 6, 7],
+                fork=False,
+                sampling=SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]),
+            )
+        ]
+    )[0]
     assert stopped.finish_reason == "stop"
     assert stop not in stopped.text
     assert base.text.startswith(stopped.text.rstrip())
@@ -132,8 +179,19 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def test_cli_generate_json(model_dir, capsys):
-    rc = apar_main(["generate", "--model", str(model_dir), "--prompt", "w5 w6 w7", "--raw-prompt",
-                    "--max-tokens", "7", "--json"])
+    rc = apar_main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "w5 w6 w7",
+            "--raw-prompt",
+            "--max-tokens",
+            "7",
+            "--json",
+        ]
+    )
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) >= {"text", "branches", "steps", "num_tokens", "latency_s"}
@@ -143,8 +201,16 @@ def test_cli_generate_json(model_dir, capsys):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--max-tokens", "0"], ["--max-tokens", "-4"], ["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"],
-     ["--prompt", ""], ["--model", "/nonexistent/model"], ["--max-tokens", "many"]],
+    [
+        ["--max-tokens", "0"],
+        ["--max-tokens", "-4"],
+        ["--temperature", "-1"],
+        ["--top-p", "0"],
+        ["--top-p", "1.5"],
+        ["--prompt", ""],
+        ["--model", "/nonexistent/model"],
+        ["--max-tokens", "many"],
+    ],
 )
 def test_cli_bad_input_exits_2_with_one_line(model_dir, capsys, extra):
     args = ["generate", "--model", str(model_dir), "--prompt", "w5 w6", "--raw-prompt", *extra]
@@ -159,9 +225,23 @@ def test_cli_bad_input_exits_2_with_one_line(model_dir, capsys, extra):
 
 def test_cli_entry_point_as_a_process(model_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "generate", "--model", str(model_dir), "--prompt", "w5",
-         "--raw-prompt", "--max-tokens", "0"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "w5",
+            "--raw-prompt",
+            "--max-tokens",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("apar: error:") and len(proc.stderr.strip().splitlines()) == 1
