@@ -35,28 +35,19 @@ def make_tokenizer(control_tokens: bool = True) -> PreTrainedTokenizerFast:
 def make_model(family: str, seed: int = 0, max_len: int = 1024):
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, eos_token_id=0, bos_token_id=None, pad_token_id=0)
+    decoder = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_len,
+        **common,
+    )
     if family == "llama":
-        cfg = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=max_len,
-            **common,
-        )
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(LlamaConfig(**decoder))
     elif family == "qwen2":
-        cfg = Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=max_len,
-            **common,
-        )
-        model = Qwen2ForCausalLM(cfg)
+        model = Qwen2ForCausalLM(Qwen2Config(**decoder))
     elif family == "gpt2":
         cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=max_len, **common)
         model = GPT2LMHeadModel(cfg)
