@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_utils import make_data_dir, make_items
+from training_utils import make_data_dir, make_items, tiny_run_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apar_worker.training.data import tree_from_dict
@@ -22,7 +22,7 @@ from apar_worker.training.examples import (
 )
 from apar_worker.training.rewrite import Tree, assemble
 from apar_worker.training.tokenizer import encode_text, prompt_ids
-from apar_worker.training.train import ModelConfig, RunConfig, TrainConfig, load_config, train
+from apar_worker.training.train import load_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,37 +214,11 @@ def test_packed_tree_equals_per_branch_examples(tok) -> None:
     assert len(packed) < sum(len(e) for e in exs)
 
 
-def _tiny_config(data_dir: Path, tmp: Path, mode: str, steps: int) -> RunConfig:
-    return RunConfig(
-        name=f"tiny-{mode}",
-        mode=mode,
-        data_dir=str(data_dir),
-        out_dir=str(tmp / f"model-{mode}"),
-        run_dir=str(tmp / f"run-{mode}"),
-        model=ModelConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=256,
-        ),
-        train=TrainConfig(
-            steps=steps,
-            batch_turns=4,
-            lr=1e-2,
-            warmup=2,
-            micro_tokens=2048,
-            max_seq_len=256,
-            checkpoint_every=5,
-            threads=1,
-        ),
-    )
-
-
 @pytest.mark.parametrize("mode", ["apar", "seq"])
 def test_tiny_config_trains_resumes_and_exports(data_dir: Path, tmp_path: Path, mode: str) -> None:
-    cfg = _tiny_config(data_dir, tmp_path, mode, steps=25)
+    cfg = tiny_run_config(
+        data_dir, tmp_path, mode, steps=25, micro_tokens=2048, checkpoint_every=5, threads=1
+    )
     info = train(cfg, progress=False)
     assert info["steps"] == 25 and not info["stopped_early"]
     ckpt = torch.load(Path(cfg.run_dir) / "ckpt.pt", weights_only=False)

@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-from training_utils import make_data_dir
+from training_utils import make_data_dir, tiny_run_config
 
 from apar_worker.training.eval import HELDOUT_PROMPTS, evaluate, load_prompts
-from apar_worker.training.train import ModelConfig, RunConfig, TrainConfig, train
+from apar_worker.training.train import train
 from cluster.cli import main
 
 
@@ -20,24 +20,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     data = make_data_dir(tmp / "data")
     out = []
     for mode in ("apar", "seq"):
-        cfg = RunConfig(
-            name=f"tiny-{mode}",
-            mode=mode,
-            data_dir=str(data),
-            out_dir=str(tmp / f"model-{mode}"),
-            run_dir=str(tmp / f"run-{mode}"),
-            model=ModelConfig(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=256,
-            ),
-            train=TrainConfig(
-                steps=40, batch_turns=4, lr=1e-2, warmup=2, max_seq_len=256, checkpoint_every=40
-            ),
-        )
+        cfg = tiny_run_config(data, tmp, mode, steps=40, checkpoint_every=40)
         train(cfg, progress=False)
         out.append(Path(cfg.out_dir))
     prompts = tmp / "prompts.jsonl"

@@ -9,6 +9,7 @@ from pathlib import Path
 from apar_worker.training.data import Item, tree_to_dict
 from apar_worker.training.rewrite import rewrite_list
 from apar_worker.training.tokenizer import save_tokenizer, train_tokenizer
+from apar_worker.training.train import ModelConfig, RunConfig, TrainConfig
 
 TOPICS = ["health", "travel", "study", "cooking", "saving money", "sleep"]
 
@@ -56,3 +57,23 @@ def make_data_dir(root: Path) -> Path:
     tok = train_tokenizer((t for it in items for t in (it.prompt, it.answer)), vocab_size=400)
     save_tokenizer(tok, root / "tokenizer")
     return root
+
+
+def tiny_run_config(data_dir: Path, tmp: Path, mode: str, **train) -> RunConfig:
+    """A 2-layer, 32-wide run that trains in seconds on CPU; `train` sets TrainConfig fields."""
+    return RunConfig(
+        name=f"tiny-{mode}",
+        mode=mode,
+        data_dir=str(data_dir),
+        out_dir=str(tmp / f"model-{mode}"),
+        run_dir=str(tmp / f"run-{mode}"),
+        model=ModelConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=256,
+        ),
+        train=TrainConfig(**{"batch_turns": 4, "lr": 1e-2, "warmup": 2, "max_seq_len": 256, **train}),
+    )
