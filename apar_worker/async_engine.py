@@ -1,8 +1,9 @@
 """asyncio front-end of the engine: a background thread runs the step loop.
 
 The forward pass releases the GIL, so stepping in a thread keeps the event loop (gRPC, Ray)
-responsive. Results are handed to each request's asyncio.Queue with call_soon_threadsafe;
-a consumer that goes away (client cancel, deadline) aborts its request so its KV blocks
+responsive. Each step's results for a request go to its asyncio.Queue as one list (with
+call_soon_threadsafe), so a streaming consumer can forward one message per engine step
+instead of one per token; a consumer that goes away (client cancel, deadline) aborts its request so its KV blocks
 return to the pool.
 """
 
@@ -44,12 +45,15 @@ class AsyncEngine:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            per_request: dict[str, list[BranchEvent | RequestOutput]] = {}
             for item in items:
-                target = self._queues.get(item.request_id)
+                per_request.setdefault(item.request_id, []).append(item)
+            for rid, batch in per_request.items():
+                target = self._queues.get(rid)
                 if target is not None:
                     loop, queue = target
                     try:
-                        loop.call_soon_threadsafe(queue.put_nowait, item)
+                        loop.call_soon_threadsafe(queue.put_nowait, batch)
                     except RuntimeError:  # the consumer's loop is closed
                         pass
 
@@ -57,6 +61,22 @@ class AsyncEngine:
         """Yields BranchEvents as they happen, then exactly one RequestOutput.
 
         Raises InvalidRequestError before yielding anything if the request is malformed.
+        """
+        steps = self.generate_steps(request)
+        try:
+            async for batch in steps:
+                for item in batch:
+                    yield item
+        finally:
+            await steps.aclose()  # abort now if the consumer left early, not at garbage collection
+
+    async def generate_steps(
+        self, request: GenerateRequest
+    ) -> AsyncIterator[list[BranchEvent | RequestOutput]]:
+        """Like `generate`, but yields every item produced since the last yield as one list.
+
+        A list holds one or more engine steps' events (more when the consumer fell behind);
+        the last list ends with the RequestOutput.
         """
         queue: asyncio.Queue = asyncio.Queue()
         rid = request.request_id
@@ -66,13 +86,12 @@ class AsyncEngine:
         self._wake.set()
         finished = False
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, RequestOutput):
-                    finished = True
-                    yield item
-                    return
-                yield item
+            while not finished:
+                batch = list(await queue.get())
+                while not queue.empty():
+                    batch += queue.get_nowait()
+                finished = isinstance(batch[-1], RequestOutput)
+                yield batch
         finally:
             with self._lock:
                 if not finished:

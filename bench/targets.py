@@ -69,7 +69,7 @@ class GrpcTarget:
                 if item.HasField("final"):
                     tokens = item.final.usage.completion_tokens
                     return Result(True, start, ttft, time.perf_counter() - start, tokens, prompt.kind)
-                if ttft is None and item.event.num_new_tokens > 0:
+                if ttft is None and any(e.num_new_tokens > 0 for e in item.events):
                     ttft = time.perf_counter() - start
             return Result(False, start, ttft, time.perf_counter() - start, 0, prompt.kind, "no final answer")
         except grpc.RpcError as exc:

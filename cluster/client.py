@@ -88,9 +88,9 @@ def _stream(stub: pb_grpc.AparServiceStub, msg: pb.GenerateRequest) -> pb.Genera
         for item in call:
             if item.HasField("final"):
                 final = item.final
-            else:
-                ev = item.event
+            for ev in item.events:
                 view.update(ev.branch_id, ev.parent_id if ev.HasField("parent_id") else None, ev.delta_text)
+            if item.events:
                 view.draw()
     except KeyboardInterrupt:
         call.cancel()

@@ -91,8 +91,9 @@ class AparIngress:
     # -- core ----------------------------------------------------------------------------------
     async def _run(
         self, req: GenerateRequest, timeout_s: float
-    ) -> AsyncIterator[tuple[str, BranchEvent | RequestOutput]]:
-        """(replica_id, item) pairs of one request; raises GrpcError on failure.
+    ) -> AsyncIterator[tuple[str, list[BranchEvent | RequestOutput]]]:
+        """(replica_id, items) pairs of one request, a list per engine step (the last one ends
+        with the RequestOutput); raises GrpcError on failure.
 
         A replica that dies mid-request is marked dead and the request is replayed on another
         one; `cluster.resume` forwards only the events the client has not seen yet.
@@ -151,12 +152,12 @@ class AparIngress:
     ) -> pb.GenerateResponse:
         try:
             req = self._request(request, stream=False)
-            async for replica, item in self._run(req, request.timeout_s):
-                if isinstance(item, RequestOutput):
-                    err = _status_of(item, req, request.timeout_s)
+            async for replica, items in self._run(req, request.timeout_s):
+                if isinstance(items[-1], RequestOutput):
+                    err = _status_of(items[-1], req, request.timeout_s)
                     if err is not None:
                         raise err
-                    return to_response(item, replica)
+                    return to_response(items[-1], replica)
             raise GrpcError(grpc.StatusCode.INTERNAL, "no result")
         except GrpcError as err:
             _set(grpc_context, err)
@@ -165,16 +166,21 @@ class AparIngress:
     async def GenerateStream(
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """One message per engine step with that step's events, then one with the final answer."""
         try:
             req = self._request(request, stream=True)
-            async for replica, item in self._run(req, request.timeout_s):
-                if isinstance(item, BranchEvent):
-                    yield pb.GenerateStreamResponse(request_id=req.request_id, event=to_event(item, replica))
+            async for replica, items in self._run(req, request.timeout_s):
+                events = [to_event(e, replica) for e in items if isinstance(e, BranchEvent)]
+                if events:
+                    yield pb.GenerateStreamResponse(request_id=req.request_id, events=events)
+                if not isinstance(items[-1], RequestOutput):
                     continue
-                err = _status_of(item, req, request.timeout_s)
+                err = _status_of(items[-1], req, request.timeout_s)
                 if err is not None:
                     raise err
-                yield pb.GenerateStreamResponse(request_id=req.request_id, final=to_response(item, replica))
+                yield pb.GenerateStreamResponse(
+                    request_id=req.request_id, final=to_response(items[-1], replica)
+                )
         except GrpcError as err:
             # A stream carries the context to the proxy only with a message or an exception;
             # raising after set_code makes Ray Serve keep our code and details.

@@ -173,9 +173,10 @@ class LoadReporter:
             self.state.record_progress(updates)
 
     async def track(
-        self, request: Any, stream: AsyncIterator[BranchEvent | RequestOutput]
-    ) -> AsyncIterator[BranchEvent | RequestOutput]:
-        """Pass a request's stream through, recording ownership, progress and the final record.
+        self, request: Any, stream: AsyncIterator[list[BranchEvent | RequestOutput]]
+    ) -> AsyncIterator[list[BranchEvent | RequestOutput]]:
+        """Pass a request's stream of item lists through, recording ownership, progress and the
+        final record.
 
         Redis writes at the start and end run in a thread so the replica's event loop never
         blocks on Redis (they fail fast while it is down).
@@ -183,15 +184,16 @@ class LoadReporter:
         rid = await asyncio.to_thread(self.request_started, request)
         final: RequestOutput | None = None
         try:
-            async for item in stream:
-                if isinstance(item, BranchEvent):
-                    self.on_event(item)
-                elif isinstance(item, RequestOutput):
-                    final = item
-                    if rid is not None:
-                        await asyncio.to_thread(self.request_finished, rid, item)
-                        rid = None
-                yield item
+            async for batch in stream:
+                for item in batch:
+                    if isinstance(item, BranchEvent):
+                        self.on_event(item)
+                    elif isinstance(item, RequestOutput):
+                        final = item
+                        if rid is not None:
+                            await asyncio.to_thread(self.request_finished, rid, item)
+                            rid = None
+                yield batch
         finally:
             if rid is not None:
                 await asyncio.to_thread(self.request_finished, rid, final)

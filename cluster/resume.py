@@ -92,23 +92,26 @@ async def generate_with_failover(
     state: SchedulerState | None = None,
     max_attempts: int = 3,
     is_retryable: Callable[[BaseException], bool] = is_replica_failure,
-) -> AsyncIterator[BranchEvent | RequestOutput | Any]:
+) -> AsyncIterator[list[BranchEvent | RequestOutput] | Any]:
     """Run `start(attempt)` (a worker stream) and retry it on replica failure.
 
-    Yields deduplicated BranchEvents and the final RequestOutput of the attempt that finished.
-    Other items are passed through. Non-retryable errors, and the last failure, propagate.
+    The worker stream yields lists of items (one engine step's BranchEvents, the last list
+    ending with the RequestOutput); each list comes out with its events deduplicated, and
+    is dropped when nothing in it is new. Other items (the replica id) are passed through.
+    Non-retryable errors, and the last failure, propagate.
     """
     dedup = StreamDeduper()
     for attempt in range(max_attempts):
         dedup.new_attempt()
         try:
             async for item in start(attempt):
-                if isinstance(item, BranchEvent):
-                    out = dedup.filter(item)
-                    if out is not None:
-                        yield out
-                else:
+                if not isinstance(item, list):
                     yield item
+                    continue
+                kept = (dedup.filter(e) if isinstance(e, BranchEvent) else e for e in item)
+                out = [x for x in kept if x is not None]
+                if out:
+                    yield out
             return
         except Exception as exc:
             if attempt + 1 >= max_attempts or not is_retryable(exc):

@@ -3,7 +3,8 @@
 The engine (`apar_worker.async_engine.AsyncEngine`) runs its own step loop, so all requests on a
 replica are batched together (continuous batching) and all branches of a request share this
 replica's KV blocks. `generate` streams the engine's items back to the ingress through a
-streaming DeploymentHandle; the first item names the replica, so every event the client sees
+streaming DeploymentHandle, one list per engine step (a Ray item per token would cap
+streamed throughput); the first item names the replica, so every event the client sees
 says where it was produced. The scheduler's LoadReporter publishes this replica's load and
 records which branches ran here (replica-side records in Redis: `ran:{request_id}`).
 """
@@ -59,8 +60,9 @@ class AparWorker:
 
     async def generate(
         self, req: GenerateRequest, timeout_s: float = 0.0
-    ) -> AsyncIterator[str | BranchEvent | RequestOutput]:
-        """Yields this replica's id, the engine's BranchEvents (if `req.stream`), one RequestOutput.
+    ) -> AsyncIterator[str | list[BranchEvent | RequestOutput]]:
+        """Yields this replica's id, then lists of items: one engine step's BranchEvents (only if
+        `req.stream`), the last list ending with the RequestOutput.
 
         `timeout_s` becomes the engine deadline (an absolute monotonic time of this process).
         If the caller goes away (cancelled call, expired gRPC deadline, Cancel RPC), Ray cancels
@@ -69,19 +71,19 @@ class AparWorker:
         if timeout_s > 0:
             req.deadline = time.monotonic() + timeout_s
         yield self.replica_id
-        stream: AsyncIterator[BranchEvent | RequestOutput] = self.engine.generate(req)
+        stream: AsyncIterator[list[BranchEvent | RequestOutput]] = self.engine.generate_steps(req)
         if self.reporter is not None:
             stream = self.reporter.track(req, stream)
         done = False
         try:
-            async for item in stream:
-                if isinstance(item, BranchEvent):
-                    if not req.stream:
-                        continue  # unary calls only need the final output
-                else:
+            async for batch in stream:
+                if isinstance(batch[-1], RequestOutput):
                     done = True
-                    self.metrics.observe_request(item)
-                yield item
+                    self.metrics.observe_request(batch[-1])
+                if not req.stream:  # unary calls only need the final output
+                    batch = batch[-1:] if done else []
+                if batch:
+                    yield batch
         finally:
             if not done:  # caller gone: close the wrappers now, and make sure the engine aborts
                 await stream.aclose()

@@ -37,14 +37,14 @@ def collect(stream) -> dict:
         if msg.HasField("final"):
             out["final"] = msg.final
             continue
-        ev = msg.event
-        b = ev.branch_id
-        out["tokens"][b] = out["tokens"].get(b, 0) + ev.num_new_tokens
-        out["text"][b] = out["text"].get(b, "") + ev.delta_text
-        out["created"][b] = out["created"].get(b, 0) + int(ev.created)
-        out["finished"][b] = out["finished"].get(b, 0) + int(bool(ev.finish_reason))
-        if not out["replicas"] or out["replicas"][-1] != ev.replica_id:
-            out["replicas"].append(ev.replica_id)
+        for ev in msg.events:
+            b = ev.branch_id
+            out["tokens"][b] = out["tokens"].get(b, 0) + ev.num_new_tokens
+            out["text"][b] = out["text"].get(b, "") + ev.delta_text
+            out["created"][b] = out["created"].get(b, 0) + int(ev.created)
+            out["finished"][b] = out["finished"].get(b, 0) + int(bool(ev.finish_reason))
+            if not out["replicas"] or out["replicas"][-1] != ev.replica_id:
+                out["replicas"].append(ev.replica_id)
     return out
 
 

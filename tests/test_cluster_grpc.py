@@ -68,8 +68,7 @@ FRESH_CLIENT = textwrap.dedent(
         if msg.HasField("final"):
             out["stream"].append({"t": t, "final": True, "text": msg.final.text,
                                   "branches": len(msg.final.branches), "replica_id": msg.final.replica_id})
-        else:
-            e = msg.event
+        for e in msg.events:
             out["stream"].append({"t": t, "final": False, "branch": e.branch_id, "delta": e.delta_text,
                                   "created": e.created, "finish": e.finish_reason, "replica_id": e.replica_id})
     print(json.dumps(out))

@@ -237,22 +237,24 @@ def test_load_reporter_heartbeat_and_request_records(state):
     try:
         assert state.replica_loads()["rep-1"].free_blocks == 40
 
-        async def stream():
-            yield BranchEvent("q1", 0, None, [1, 2], created=True)
-            yield BranchEvent("q1", 1, 0, [3], created=True)
+        async def stream():  # one list per engine step, as AsyncEngine.generate_steps yields
+            yield [BranchEvent("q1", 0, None, [1, 2], created=True)]
+            yield [BranchEvent("q1", 1, 0, [3], created=True)]
             await asyncio.sleep(0.35)  # a heartbeat flushes progress meanwhile
-            yield BranchEvent("q1", 1, 0, [4], finish_reason="stop")
-            yield BranchEvent("q1", 0, None, [5], finish_reason="stop")
-            yield RequestOutput(
-                "q1",
-                "text",
-                [BranchInfo(0, None, "a", 3, "stop"), BranchInfo(1, 0, "b", 2, "stop")],
-                "stop",
-                prompt_tokens=4,
-                num_tokens=5,
-                steps=3,
-                cached_tokens=0,
-            )
+            yield [BranchEvent("q1", 1, 0, [4], finish_reason="stop"), BranchEvent("q1", 0, None, [5])]
+            yield [
+                BranchEvent("q1", 0, None, [], finish_reason="stop"),
+                RequestOutput(
+                    "q1",
+                    "text",
+                    [BranchInfo(0, None, "a", 3, "stop"), BranchInfo(1, 0, "b", 2, "stop")],
+                    "stop",
+                    prompt_tokens=4,
+                    num_tokens=5,
+                    steps=3,
+                    cached_tokens=0,
+                ),
+            ]
 
         from apar_worker.types import GenerateRequest
 
@@ -271,7 +273,7 @@ def test_load_reporter_heartbeat_and_request_records(state):
             return out
 
         items = asyncio.run(run())
-        assert len(items) == 5
+        assert [len(b) for b in items] == [1, 1, 2, 2] and isinstance(items[-1][-1], RequestOutput)
         assert seen_mid[0]["state"] == "running" and seen_mid[0]["tree"]["0"]["tokens"] == [1, 2]
         prog = state.progress("q1")
         assert (
@@ -328,11 +330,11 @@ def test_generate_with_failover_retries_on_replica_death(state):
     def start(attempt: int):
         async def gen():
             calls.append(attempt)
-            yield _ev(0, [1], "a", created=True)
+            yield f"replica-{attempt}"
+            yield [_ev(0, [1], "a", created=True)]
             if attempt == 0:
                 raise ActorDiedError()
-            yield _ev(0, [2], "b", fin="stop")
-            yield "final"
+            yield [_ev(0, [2], "b", fin="stop"), "final"]
 
         return gen()
 
@@ -341,7 +343,9 @@ def test_generate_with_failover_retries_on_replica_death(state):
 
     items = asyncio.run(run())
     assert calls == [0, 1]
-    assert [i.new_token_ids for i in items[:-1]] == [[1], [2]] and items[-1] == "final"
+    # the replayed step is dropped (nothing new in it); the replica ids pass through
+    assert items[0] == "replica-0" and items[2] == "replica-1" and len(items) == 4
+    assert items[1][0].new_token_ids == [1] and items[3][0].new_token_ids == [2] and items[3][1] == "final"
     assert state.route_info(None, None, [], ["dead-rep"]).dead == {"dead-rep"}
 
     def bad(attempt: int):

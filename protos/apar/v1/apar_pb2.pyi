@@ -133,14 +133,14 @@ class BranchEvent(_message.Message):
     def __init__(self, branch_id: _Optional[int] = ..., parent_id: _Optional[int] = ..., delta_text: _Optional[str] = ..., created: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., num_new_tokens: _Optional[int] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("request_id", "event", "final")
+    __slots__ = ("request_id", "events", "final")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    EVENT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    event: BranchEvent
+    events: _containers.RepeatedCompositeFieldContainer[BranchEvent]
     final: GenerateResponse
-    def __init__(self, request_id: _Optional[str] = ..., event: _Optional[_Union[BranchEvent, _Mapping]] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[BranchEvent, _Mapping]]] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
