@@ -22,7 +22,15 @@ from apar_worker.training.examples import (
 )
 from apar_worker.training.rewrite import Tree, assemble
 from apar_worker.training.tokenizer import encode_text, prompt_ids
-from apar_worker.training.train import load_config, train
+from apar_worker.training.train import (
+    TrainConfig,
+    cut_after_opening,
+    load_config,
+    loss_sum,
+    opening_weights,
+    packed_loss_sum,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,8 +218,77 @@ def test_packed_tree_equals_per_branch_examples(tok) -> None:
                 logits, torch.tensor(packed.targets), ignore_index=IGNORE, reduction="sum"
             )
         )
+        # the training loss (LM head on labelled positions only) is the same sum
+        trained = float(
+            packed_loss_sum(
+                model,
+                torch.tensor([packed.input_ids]),
+                torch.tensor([packed.position_ids]),
+                torch.tensor([packed.targets]),
+                mask[None, None],
+            )
+        )
     assert one_pass == pytest.approx(per_branch, rel=1e-4)
+    assert trained == pytest.approx(one_pass, rel=1e-4)
     assert len(packed) < sum(len(e) for e in exs)
+
+
+def test_opening_weight_falls_on_the_answer_opening_in_both_modes(tok) -> None:
+    """Both modes up-weight the same first answer tokens, and the loss grows by exactly their share."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tree = Tree(["Here are some useful tips for you today\n1. A:", "\nBye"], [Tree([" Walk daily."])])
+    p = prompt_ids(tok, "Tips?")
+    packed, seq = pack_tree(tok, p, tree), seq_example(tok, p, tree, assemble(tree))
+    k = 4
+    t = TrainConfig(opening_tokens=k, opening_weight=3.0)
+    w_packed = opening_weights(torch.tensor([packed.targets]), t)[0]
+    w_seq = opening_weights(torch.tensor([seq.labels[1:]]), t)[0]
+    opening = [x for x in packed.targets if x != IGNORE][:k]
+    assert [x for x in seq.labels[1:] if x != IGNORE][:k] == opening
+    assert [x for x, w in zip(packed.targets, w_packed.tolist(), strict=True) if w == 3.0] == opening
+    assert [x for x, w in zip(seq.labels[1:], w_seq.tolist(), strict=True) if w == 3.0] == opening
+    assert int((w_packed == 1.0).sum()) == sum(x != IGNORE for x in packed.targets) - k
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).eval()
+    inp, lab = torch.tensor([seq.input_ids]), torch.tensor([seq.labels])
+    with torch.no_grad():
+        plain, n = loss_sum(model, inp, lab)
+        weighted, _ = loss_sum(model, inp, lab, t)
+        logits = model(input_ids=inp).logits[0, :-1]
+        ce = torch.nn.functional.cross_entropy(logits, lab[0, 1:], ignore_index=IGNORE, reduction="none")
+    first = ce[lab[0, 1:] != IGNORE][:k].sum()
+    assert n == sum(x != IGNORE for x in seq.labels[1:])
+    assert float(weighted) == pytest.approx(float(plain + 2.0 * first), rel=1e-4)
+
+
+def test_opening_only_rows_keep_the_prompt_and_the_first_answer_tokens(tok) -> None:
+    tree = Tree(["Here are some useful tips for you today\n1. A:", "\nBye"], [Tree([" Walk daily."])])
+    p = prompt_ids(tok, "Tips?")
+    packed, seq = pack_tree(tok, p, tree), seq_example(tok, p, tree, assemble(tree))
+    n = 5
+    cut_p, cut_s = cut_after_opening(packed, n), cut_after_opening(seq, n)
+    assert [t for t in cut_p.targets if t != IGNORE] == [t for t in packed.targets if t != IGNORE][:n]
+    assert [t for t in cut_s.labels if t != IGNORE] == [t for t in seq.labels if t != IGNORE][:n]
+    assert (
+        cut_p.input_ids == packed.input_ids[: len(cut_p)] and cut_s.input_ids == seq.input_ids[: len(cut_s)]
+    )
+    assert len(cut_p) == len(p) + n - 1 and len(cut_s) == len(p) + n
+    k = len(cut_p)  # every kept token sees exactly what it sees in the whole row
+    assert torch.equal(cut_p.attention_mask(), packed.attention_mask()[:k, :k])
+    assert cut_after_opening(seq, 10_000) is seq
+    with pytest.raises(ValueError):
+        cut_after_opening(seq, 0)
 
 
 @pytest.mark.parametrize("mode", ["apar", "seq"])
@@ -225,9 +302,11 @@ def test_tiny_config_trains_resumes_and_exports(data_dir: Path, tmp_path: Path, 
     history = ckpt["history"]
     assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5  # it learns
     cfg.train.steps = 28  # resume from the checkpoint instead of starting over
+    cfg.decide = TrainConfig(steps=3, batch_turns=4, lr=1e-3, warmup=1, opening_tokens=8, opening_only=True)
     info = train(cfg, progress=False)
-    assert info["steps"] == 28
+    assert info["steps"] == 28 and info["decide"]["steps"] == 3
     assert len(torch.load(Path(cfg.run_dir) / "ckpt.pt", weights_only=False)["history"]) == 28
+    assert torch.load(Path(cfg.run_dir) / "decide" / "ckpt.pt", weights_only=False)["step"] == 3
     out = Path(cfg.out_dir)
     for name in (
         "model.safetensors",
@@ -241,7 +320,8 @@ def test_tiny_config_trains_resumes_and_exports(data_dir: Path, tmp_path: Path, 
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tok = AutoTokenizer.from_pretrained(str(out))
     assert model.generation_config.eos_token_id == tok.eos_token_id
-    assert "apar train --config" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "apar train --config" in card and "Decision stage (from the weights above" in card
 
 
 def test_shipped_configs_load_and_twin_matches() -> None:
@@ -249,6 +329,7 @@ def test_shipped_configs_load_and_twin_matches() -> None:
     s = load_config(ROOT / "configs" / "apar-tiny-seq.yaml")
     assert (a.mode, s.mode) == ("apar", "seq")
     assert a.model == s.model and a.train == s.train and a.data == s.data and a.data_dir == s.data_dir
+    assert a.decide is not None and a.decide == s.decide
 
 
 def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:

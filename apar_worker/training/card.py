@@ -39,6 +39,12 @@ def write_card(out: Path, name: str, mode: str, cfg: dict, info: dict) -> None:
         f"- Steps: {info['steps']} (planned {info['planned_steps']}{', stopped early by the time limit' if info['stopped_early'] else ''}), "
         f"{t['batch_turns']} turns per step, lr {t['lr']} cosine, AdamW; final train loss {info['final_train_loss']}, "
         f"{info['tokens_per_s']} tokens/s",
+        f"- Loss: mean over the answer tokens; the first {t.get('opening_tokens', 0)} labelled tokens of each row "
+        f"(the answer's opening, where it decides between a list and prose) weigh {t.get('opening_weight', 1.0)}x, "
+        "in both modes"
+        if t.get("opening_tokens", 0) and t.get("opening_weight", 1.0) != 1.0
+        else "- Loss: mean over the answer tokens",
+        _decide_line(cfg.get("decide"), info.get("decide")),
         "- Selection: a structured turn is kept only when its prompt has a list cue (tips, ways, steps, what are, "
         "how to, ...) and an unstructured one only when it has none (`LIST_CUE` in `apar_worker/training/data.py`), "
         "so *when to fork* is learnable at this size; held-out prompts are selected the same way",
@@ -52,6 +58,22 @@ def write_card(out: Path, name: str, mode: str, cfg: dict, info: dict) -> None:
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _decide_line(d: dict | None, info: dict | None) -> str:
+    if not d or not info:
+        return "- Decision stage: none"
+    what = (
+        f"rows cut after the first {d['opening_tokens']} answer tokens (prompt + opening only)"
+        if d.get("opening_only")
+        else "full rows"
+    )
+    return (
+        f"- Decision stage (from the weights above, fresh optimiser): {info['steps']} steps "
+        f"(planned {info['planned_steps']}), {d['batch_turns']} turns per step, {what}, lr {d['lr']} "
+        f"cosine; final loss {info['final_train_loss']}. It sharpens *whether* to answer with a list "
+        "(and so fork) at a fraction of a full step's cost"
+    )
 
 
 def write_eval(out: Path, command: str, report: dict) -> None:

@@ -55,6 +55,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     micro_tokens: int = 4096
     structured_share: float = 0.5
+    # The opening of an answer (its first labelled tokens) is where the model decides between
+    # a list (and so forking) and prose; weighting it up teaches that decision sooner.
+    opening_tokens: int = 0
+    opening_weight: float = 1.0
+    opening_only: bool = False  # cut every row after its opening: a cheap fork-decision stage
     max_seq_len: int = 768
     seed: int = 0
     threads: int = 1
@@ -72,6 +77,9 @@ class RunConfig:
     run_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Optional second stage from the first one's final weights (fresh optimizer), e.g. a short
+    # `opening_only` stage that sharpens the list-or-prose decision; checkpoints in run_dir/decide.
+    decide: TrainConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -81,9 +89,10 @@ def load_config(path: Path) -> RunConfig:
         raise ValueError(f"{path}: mode must be 'apar' or 'seq', got {raw.get('mode')!r}")
     try:
         return RunConfig(
-            **{k: v for k, v in raw.items() if k not in ("model", "train", "data")},
+            **{k: v for k, v in raw.items() if k not in ("model", "train", "decide", "data")},
             model=ModelConfig(**(raw.get("model") or {})),
             train=TrainConfig(**(raw.get("train") or {})),
+            decide=TrainConfig(**raw["decide"]) if raw.get("decide") else None,
             data=DataConfig(**(raw.get("data") or {})),
         )
     except TypeError as exc:
@@ -179,12 +188,33 @@ def collate_packed(group: list[PackedTree], pad_id: int, device):
     return inp.to(device), pos.to(device), tgt.to(device), mask.to(device)
 
 
-def packed_loss_sum(model, inp, pos, tgt, mask) -> torch.Tensor:
+def packed_loss_sum(model, inp, pos, tgt, mask, t: TrainConfig | None = None) -> torch.Tensor:
     """Summed loss of packed trees: targets are already aligned (next token in the same branch)."""
-    logits = model(input_ids=inp, attention_mask=mask, position_ids=pos).logits
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+    hidden = model.base_model(input_ids=inp, attention_mask=mask, position_ids=pos).last_hidden_state
+    return weighted_loss(model, hidden, tgt, t)
+
+
+def opening_weights(target: torch.Tensor, t: TrainConfig | None) -> torch.Tensor:
+    """1 per labelled position, `opening_weight` on each row's first `opening_tokens` of them.
+
+    In every row kind the first labelled positions are the answer's opening (a packed tree
+    lays out the root before its children), so both modes weight the same text tokens.
+    """
+    labelled = target != IGNORE
+    w = labelled.float()
+    if t is not None and t.opening_tokens > 0 and t.opening_weight != 1.0:
+        rank = labelled.long().cumsum(dim=1)
+        w = torch.where(labelled & (rank <= t.opening_tokens), torch.full_like(w, t.opening_weight), w)
+    return w
+
+
+def weighted_loss(model, hidden: torch.Tensor, target: torch.Tensor, t: TrainConfig | None) -> torch.Tensor:
+    """Cross-entropy of labelled positions only: the LM head never runs on prompt or pad tokens."""
+    w = opening_weights(target, t)
+    keep = target != IGNORE
+    logits = model.get_output_embeddings()(hidden[keep])
+    ce = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")
+    return (ce * w[keep]).sum()
 
 
 def collate(group: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,18 +229,17 @@ def collate(group: list[Example], pad_id: int, device) -> tuple[torch.Tensor, to
     return inp.to(device), lab.to(device), mask.to(device)
 
 
-def loss_sum(model, inp: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, int]:
+def loss_sum(
+    model, inp: torch.Tensor, lab: torch.Tensor, t: TrainConfig | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over labelled positions, and how many there were.
 
     Rows are right-padded, so under the causal mask no real token ever sees a pad: no padding
     mask is needed, which keeps attention on the fast fused causal path.
     """
-    logits = model(input_ids=inp).logits[:, :-1]
+    hidden = model.base_model(input_ids=inp).last_hidden_state[:, :-1]
     target = lab[:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((target != IGNORE).sum())
+    return weighted_loss(model, hidden, target, t), int((target != IGNORE).sum())
 
 
 def pick_device(name: str) -> torch.device:
@@ -226,8 +255,9 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def prepare(cfg: RunConfig):
+def prepare(cfg: RunConfig, t: TrainConfig | None = None):
     """Load (building if needed) the data and tokenizer; tokenise every training turn once."""
+    t = t or cfg.train
     data_dir = Path(cfg.data_dir)
     if not (data_dir / "train.jsonl").is_file():
         build(data_dir, cfg.data)
@@ -236,11 +266,33 @@ def prepare(cfg: RunConfig):
     pools: dict[str, list[list[Row]]] = {"structured": [], "unstructured": []}
     for item in load_items(data_dir / "train.jsonl"):
         exs = item_examples(tok, item, cfg.mode, ids)
-        if turn_length(exs, item) <= cfg.train.max_seq_len:
+        if turn_length(exs, item) <= t.max_seq_len:
+            if t.opening_only:
+                exs = [cut_after_opening(e, t.opening_tokens) for e in exs]
             pools[item.kind].append(exs)
     if not pools["structured"] or not pools["unstructured"]:
         raise ValueError(f"{data_dir}: need both structured and unstructured training turns")
     return tok, pools
+
+
+def cut_after_opening(row: Row, n: int) -> Row:
+    """The row up to its n-th labelled token: the prompt and the answer's opening only.
+
+    A packed tree lays out the root first, so its cut keeps the root's opening; `prev` and
+    positions of the kept tokens are unchanged.
+    """
+    if n <= 0:
+        raise ValueError("opening_only needs opening_tokens > 0")
+    targets = row.targets if isinstance(row, PackedTree) else row.labels
+    labelled = [i for i, t in enumerate(targets) if t != IGNORE]
+    if len(labelled) <= n:
+        return row
+    end = labelled[n - 1]
+    if isinstance(row, PackedTree):
+        return PackedTree(
+            row.input_ids[: end + 1], row.position_ids[: end + 1], row.prev[: end + 1], row.targets[: end + 1]
+        )
+    return Example(row.input_ids[: end + 1], row.labels[: end + 1])
 
 
 def sample_step(pools: dict[str, list[list[Row]]], t: TrainConfig, step: int) -> list[Row]:
@@ -254,24 +306,38 @@ def sample_step(pools: dict[str, list[list[Row]]], t: TrainConfig, step: int) ->
 
 
 def train(cfg: RunConfig, progress: bool = True) -> dict:
+    """Train (resuming from the run's checkpoints), then the `decide` stage if any, and export."""
     t = cfg.train
     torch.set_num_threads(t.threads)
     device = pick_device(t.device)
     tok, pools = prepare(cfg)
     model = build_model(cfg, tok).to(device)
+    info = run_stage(model, tok, pools, t, Path(cfg.run_dir), cfg.name, device, progress)
+    if cfg.decide is not None:
+        _, pools = prepare(cfg, cfg.decide)
+        run_dir = Path(cfg.run_dir) / "decide"
+        info["decide"] = run_stage(
+            model, tok, pools, cfg.decide, run_dir, f"{cfg.name} decide", device, progress
+        )
+    export(cfg, model, tok, info)
+    return info
+
+
+def run_stage(model, tok, pools, t: TrainConfig, run_dir: Path, name: str, device, progress: bool) -> dict:
+    """One stage's optimiser loop with resumable checkpoints in run_dir; trains `model` in place."""
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "ckpt.pt"
-    step, history = 0, []
+    step, history, last_tps = 0, [], None
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         step, history = state["step"], state.get("history", [])
+        last_tps = state.get("tokens_per_s")
     model.train()
     start, tokens_seen, stopped_early = time.monotonic(), 0, False
-    bar = tqdm(total=t.steps, initial=step, disable=not progress, desc=cfg.name, mininterval=2.0)
+    bar = tqdm(total=t.steps, initial=step, disable=not progress, desc=name, mininterval=2.0)
     while step < t.steps:
         if t.max_minutes is not None and time.monotonic() - start > t.max_minutes * 60:
             stopped_early = True
@@ -284,10 +350,10 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         for group in micro_batches(examples, t.micro_tokens):
             if isinstance(group[0], PackedTree):
                 inp, pos, tgt, mask = collate_packed(group, tok.pad_token_id, device)
-                loss = packed_loss_sum(model, inp, pos, tgt, mask)
+                loss = packed_loss_sum(model, inp, pos, tgt, mask, t)
             else:
                 inp, lab, _ = collate(group, tok.pad_token_id, device)
-                loss, _ = loss_sum(model, inp, lab)
+                loss, _ = loss_sum(model, inp, lab, t)
             (loss / n_label).backward()
             total += loss.item()
             tokens_seen += sum(len(e) for e in group)
@@ -296,29 +362,28 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         opt.zero_grad(set_to_none=True)
         step += 1
         history.append(round(total / n_label, 4))
-        tps = tokens_seen / max(1e-6, time.monotonic() - start)
+        tps = last_tps = tokens_seen / max(1e-6, time.monotonic() - start)
         bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{tps:.0f}")
         bar.update(1)
         if step % t.checkpoint_every == 0 or step == t.steps:
-            save_checkpoint(ckpt, model, opt, step, history)
+            save_checkpoint(ckpt, model, opt, step, history, last_tps)
     bar.close()
-    save_checkpoint(ckpt, model, opt, step, history)
-    info = {
+    save_checkpoint(ckpt, model, opt, step, history, last_tps)
+    return {
         "steps": step,
         "planned_steps": t.steps,
         "stopped_early": stopped_early,
         "final_train_loss": round(sum(history[-20:]) / max(1, len(history[-20:])), 4),
-        "tokens_per_s": round(tokens_seen / max(1e-6, time.monotonic() - start), 1),
+        "tokens_per_s": round(last_tps, 1) if last_tps is not None else None,
     }
-    export(cfg, model, tok, info)
-    return info
 
 
-def save_checkpoint(path: Path, model, opt, step: int, history: list[float]) -> None:
+def save_checkpoint(
+    path: Path, model, opt, step: int, history: list[float], tokens_per_s: float | None = None
+) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "history": history}, tmp
-    )
+    state = {"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "history": history}
+    torch.save({**state, "tokens_per_s": tokens_per_s}, tmp)
     tmp.replace(path)
     # Weights-only snapshot per checkpoint: a twin can be exported at the step its APAR peer
     # stopped at (same steps, same turns), and any run can be inspected later.
