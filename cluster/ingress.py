@@ -12,6 +12,7 @@ deterministic: greedy, or seeded by `protocol.to_engine_request`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -152,12 +153,13 @@ class AparIngress:
     ) -> pb.GenerateResponse:
         try:
             req = self._request(request, stream=False)
-            async for replica, items in self._run(req, request.timeout_s):
-                if isinstance(items[-1], RequestOutput):
-                    err = _status_of(items[-1], req, request.timeout_s)
-                    if err is not None:
-                        raise err
-                    return to_response(items[-1], replica)
+            async with contextlib.aclosing(self._run(req, request.timeout_s)) as run:
+                async for replica, items in run:
+                    if isinstance(items[-1], RequestOutput):
+                        err = _status_of(items[-1], req, request.timeout_s)
+                        if err is not None:
+                            raise err
+                        return to_response(items[-1], replica)
             raise GrpcError(grpc.StatusCode.INTERNAL, "no result")
         except GrpcError as err:
             _set(grpc_context, err)
@@ -169,18 +171,21 @@ class AparIngress:
         """One message per engine step with that step's events, then one with the final answer."""
         try:
             req = self._request(request, stream=True)
-            async for replica, items in self._run(req, request.timeout_s):
-                events = [to_event(e, replica) for e in items if isinstance(e, BranchEvent)]
-                if events:
-                    yield pb.GenerateStreamResponse(request_id=req.request_id, events=events)
-                if not isinstance(items[-1], RequestOutput):
-                    continue
-                err = _status_of(items[-1], req, request.timeout_s)
-                if err is not None:
-                    raise err
-                yield pb.GenerateStreamResponse(
-                    request_id=req.request_id, final=to_response(items[-1], replica)
-                )
+            # aclosing: when the client goes away while this generator is suspended at a
+            # yield, _run is closed now (cancelling the worker call), not at garbage collection.
+            async with contextlib.aclosing(self._run(req, request.timeout_s)) as run:
+                async for replica, items in run:
+                    events = [to_event(e, replica) for e in items if isinstance(e, BranchEvent)]
+                    if events:
+                        yield pb.GenerateStreamResponse(request_id=req.request_id, events=events)
+                    if not isinstance(items[-1], RequestOutput):
+                        continue
+                    err = _status_of(items[-1], req, request.timeout_s)
+                    if err is not None:
+                        raise err
+                    yield pb.GenerateStreamResponse(
+                        request_id=req.request_id, final=to_response(items[-1], replica)
+                    )
         except GrpcError as err:
             # A stream carries the context to the proxy only with a message or an exception;
             # raising after set_code makes Ray Serve keep our code and details.

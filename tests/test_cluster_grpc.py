@@ -303,7 +303,7 @@ def test_cancelled_stream_is_aborted_on_the_replica(apar_cluster, stub):
         next(call)
     assert err.value.code() == grpc.StatusCode.CANCELLED
     final = _final_state(apar_cluster, rid)
-    assert final["state"] in ("cancelled", "aborted")
+    assert final["state"] in ("cancelled", "aborted"), (got, _tokens(final), final.get("state"))
     assert _tokens(final) < 1000, "the replica must stop decoding a cancelled request"
     apar_cluster.wait_kv_free()
 
