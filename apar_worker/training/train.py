@@ -255,24 +255,34 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def prepare(cfg: RunConfig, t: TrainConfig | None = None):
+Turn = tuple[str, list[Row], int]  # (kind, rows, turn length)
+
+
+def prepare(cfg: RunConfig) -> tuple[object, list[Turn]]:
     """Load (building if needed) the data and tokenizer; tokenise every training turn once."""
-    t = t or cfg.train
     data_dir = Path(cfg.data_dir)
     if not (data_dir / "train.jsonl").is_file():
         build(data_dir, cfg.data)
     tok = load_tokenizer(data_dir / "tokenizer")
     ids = special_ids(tok)
-    pools: dict[str, list[list[Row]]] = {"structured": [], "unstructured": []}
+    turns: list[Turn] = []
     for item in load_items(data_dir / "train.jsonl"):
         exs = item_examples(tok, item, cfg.mode, ids)
-        if turn_length(exs, item) <= t.max_seq_len:
-            if t.opening_only:
-                exs = [cut_after_opening(e, t.opening_tokens) for e in exs]
-            pools[item.kind].append(exs)
+        turns.append((item.kind, exs, turn_length(exs, item)))
+    return tok, turns
+
+
+def make_pools(turns: list[Turn], t: TrainConfig, data_dir: str) -> dict[str, list[list[Row]]]:
+    """A stage's turns by kind: those within its max_seq_len, cut after the opening if asked."""
+    pools: dict[str, list[list[Row]]] = {"structured": [], "unstructured": []}
+    for kind, exs, length in turns:
+        if length <= t.max_seq_len:
+            pools[kind].append(
+                [cut_after_opening(e, t.opening_tokens) for e in exs] if t.opening_only else exs
+            )
     if not pools["structured"] or not pools["unstructured"]:
         raise ValueError(f"{data_dir}: need both structured and unstructured training turns")
-    return tok, pools
+    return pools
 
 
 def cut_after_opening(row: Row, n: int) -> Row:
@@ -310,11 +320,13 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     t = cfg.train
     torch.set_num_threads(t.threads)
     device = pick_device(t.device)
-    tok, pools = prepare(cfg)
+    tok, turns = prepare(cfg)  # tokenised once, shared by both stages
     model = build_model(cfg, tok).to(device)
-    info = run_stage(model, tok, pools, t, Path(cfg.run_dir), cfg.name, device, progress)
+    info = run_stage(
+        model, tok, make_pools(turns, t, cfg.data_dir), t, Path(cfg.run_dir), cfg.name, device, progress
+    )
     if cfg.decide is not None:
-        _, pools = prepare(cfg, cfg.decide)
+        pools = make_pools(turns, cfg.decide, cfg.data_dir)
         run_dir = Path(cfg.run_dir) / "decide"
         info["decide"] = run_stage(
             model, tok, pools, cfg.decide, run_dir, f"{cfg.name} decide", device, progress
