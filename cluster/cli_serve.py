@@ -216,9 +216,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("apar serve: stopping ...", flush=True)
         return 0
     except Exception as exc:  # deploy failures (e.g. a replica that cannot load the model)
-        return _fail(
-            f"serve failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-        )
+        return _fail(f"serve failed: {_short_error(exc)}")
     finally:
         _shutdown(redis_server, state)
 
@@ -246,6 +244,14 @@ def _wait_running(app_name: str, stop: threading.Event, timeout_s: float = 600.0
         stop.wait(0.5)
     if not stop.is_set():
         raise RuntimeError(f"application {app_name} not running after {timeout_s:.0f}s")
+
+
+def _short_error(exc: BaseException) -> str:
+    """Ray task errors are a header plus a traceback: keep the header and the real cause (last line)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}"
 
 
 def _shutdown(redis_server: Any, state: Path | None) -> None:

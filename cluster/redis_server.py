@@ -8,6 +8,7 @@ fresh clone needs no separate Redis install. Persistence is off: Redis only hold
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -54,8 +55,26 @@ def _die_with_parent() -> None:
         pass
 
 
+# Ports handed out by free_port in this process: never the same one twice.
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free 127.0.0.1 port in 20000-32767: above Ray's worker ports (10002-19999) and below the
+    kernel's ephemeral range (32768+), so Ray's own sockets cannot take it before we bind it."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 32767)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # the range is crowded: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -69,6 +69,7 @@ def start_serve(args: list[str], log_path: Path, timeout_s: float = 300.0) -> su
         if "listening on grpc" in text:
             return proc
         if proc.poll() is not None:
+            text = log_path.read_text(errors="replace")  # re-read: it may have written more before exiting
             pytest.fail(f"apar serve exited with {proc.returncode}:\n{text[-3000:]}")
         time.sleep(0.5)
     stop_serve(proc)
