@@ -62,7 +62,7 @@ _GIVEN: set[int] = set()
 def free_port() -> int:
     """A free 127.0.0.1 port in 20000-32767: above Ray's worker ports (10002-19999) and below the
     kernel's ephemeral range (32768+), so Ray's own sockets cannot take it before we bind it."""
-    rng = random.Random()
+    rng = random.Random()  # its own generator: a random.seed() elsewhere must not make ports repeat
     for _ in range(200):
         port = rng.randint(20000, 32767)
         if port in _GIVEN:
