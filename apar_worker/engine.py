@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from apar_worker.attention import SeqSlice
+from apar_worker.chat import encode_request
 from apar_worker.detokenizer import IncrementalDetokenizer
 from apar_worker.kv_cache import BlockPool, KVCache
 from apar_worker.model_runner import (
@@ -137,19 +138,7 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------
 
     def tokenize(self, req: GenerateRequest) -> list[int]:
-        if req.prompt_token_ids is not None:
-            ids = list(req.prompt_token_ids)
-            if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in ids):
-                raise InvalidRequestError(f"prompt_token_ids must be integers in [0, {self.vocab_size})")
-            return ids
-        if req.messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise InvalidRequestError("this model has no chat template: send a raw prompt instead")
-            rendered = self.tokenizer.apply_chat_template(
-                req.messages, add_generation_prompt=True, tokenize=False
-            )
-            return self.tokenizer.encode(rendered, add_special_tokens=False)
-        return self.tokenizer.encode(req.prompt)
+        return encode_request(self.tokenizer, req, self.vocab_size)
 
     def add_request(self, req: GenerateRequest) -> None:
         req.validate()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from apar_worker.training.rewrite import Tree
-from apar_worker.training.tokenizer import CHILD, EOS, FORK, encode_text
+from apar_worker.training.tokenizer import CHILD, FORK, encode_text
 
 IGNORE = -100
 
@@ -34,9 +34,7 @@ class Ids:
 
 
 def special_ids(tok) -> Ids:
-    return Ids(
-        tok.convert_tokens_to_ids(FORK), tok.convert_tokens_to_ids(CHILD), tok.convert_tokens_to_ids(EOS)
-    )
+    return Ids(tok.convert_tokens_to_ids(FORK), tok.convert_tokens_to_ids(CHILD), tok.eos_token_id)
 
 
 def branch_tokens(tok, tree: Tree, ids: Ids) -> tuple[list[int], list[int]]:

@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from apar_worker.chat import neutralize
+
 FORK = "[Fork]"
 CHILD = "[Child]"
 EOS = "<|end|>"
@@ -68,41 +70,66 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.convert_tokens_to_ids(FORK) == tok.unk_token_id or tok.eos_token != EOS:
-        raise ValueError(f"{path} is not an APAR tokenizer (needs {FORK}, {CHILD} and {EOS})")
+    vocab = tok.get_vocab()
+    if FORK not in vocab or CHILD not in vocab or tok.eos_token is None:
+        raise ValueError(f"{path} is not an APAR tokenizer (needs {FORK}, {CHILD} and an EOS token)")
     return tok
+
+
+def add_apar_tokens(tok) -> int:
+    """Give a pretrained tokenizer `[Fork]` and `[Child]` as special (never split) tokens.
+
+    They take the next free ids after the base vocabulary, so the base's own ids are unchanged
+    and the model only grows by two embedding rows. Returns how many were new.
+    """
+    vocab = tok.get_vocab()
+    missing = [t for t in (FORK, CHILD) if t not in vocab]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    return len(missing)
 
 
 def encode_text(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
     """Plain text to ids; control-token strings inside user text are NOT turned into control ids."""
     if not text:
         return []
-    return (
-        list(tok.backend_tokenizer.encode(text, add_special_tokens=False).ids)
-        if not _has_special(text)
-        else _encode_literal(tok, text)
-    )
+    return list(tok.backend_tokenizer.encode(neutralize(tok, text), add_special_tokens=False).ids)
 
 
-def _has_special(text: str) -> bool:
-    return any(s in text for s in SPECIAL_TOKENS)
+_SENTINEL = "\x00APAR-PROMPT\x00"
 
 
-def _encode_literal(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
-    # Split the special strings so the BPE sees them as ordinary characters.
-    for s in SPECIAL_TOKENS:
-        text = text.replace(s, s[0] + "\u200b" + s[1:])
-    return list(tok.backend_tokenizer.encode(text, add_special_tokens=False).ids)
+def template_parts(tok) -> tuple[list[int], list[int]]:
+    """The ids the chat template puts before and after one user message's content.
+
+    Rendered once with a sentinel as the content; the template's own markers are parsed as
+    special tokens, the content never is (see `encode_text`).
+    """
+    cached = getattr(tok, "_apar_template_parts", None)
+    if cached is None:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": _SENTINEL}], add_generation_prompt=True, tokenize=False
+        )
+        before, sep, after = text.partition(_SENTINEL)
+        if not sep:
+            raise ValueError("the chat template does not include the message content")
+        enc = tok.backend_tokenizer.encode
+        cached = (
+            list(enc(before, add_special_tokens=False).ids),
+            list(enc(after, add_special_tokens=False).ids),
+        )
+        tok._apar_template_parts = cached
+    return cached
 
 
 def prompt_ids(tok: PreTrainedTokenizerFast, prompt: str) -> list[int]:
     """The ids the chat template gives messages=[{"role": "user", ...}] (what the engine feeds).
 
-    Built directly (the template is `<|user|>content<|end|><|assistant|>`) because rendering
-    Jinja for every training turn is slow; a test checks both agree.
+    Built from the template's cached parts because rendering Jinja for every training turn is
+    slow; a test checks both agree.
     """
-    ids = tok.convert_tokens_to_ids([USER, EOS, ASSISTANT])
-    return [ids[0], *encode_text(tok, prompt), ids[1], ids[2]]
+    before, after = template_parts(tok)
+    return [*before, *encode_text(tok, prompt), *after]
 
 
 def template_prompt_ids(tok: PreTrainedTokenizerFast, prompt: str) -> list[int]:

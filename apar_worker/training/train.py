@@ -42,7 +42,11 @@ class ModelConfig:
     num_key_value_heads: int = 4
     intermediate_size: int = 704
     max_position_embeddings: int = 1024
-    init_from: str | None = None  # a local HF checkpoint to fine-tune instead of training from scratch
+    init_from: str | None = None  # a base model name or local HF checkpoint to fine-tune
+    # LoRA rank on the linear layers (0 = train every weight); with a base, the new token rows
+    # ([Fork], [Child]) always train, and only the adapter is exported (see adapters.py).
+    lora_r: int = 0
+    lora_alpha: float = 32.0
 
 
 @dataclass
@@ -135,12 +139,37 @@ def n_targets(row: Row) -> int:
     return sum(t != IGNORE for t in row.labels[1:])
 
 
+def base_dir(init_from: str) -> Path:
+    """A preparable base model name (prepared on first use) or a local HF directory."""
+    from apar_worker.base_models import BASE_MODELS, ensure_base
+
+    if init_from in BASE_MODELS:
+        return ensure_base(init_from)
+    return Path(init_from)
+
+
 def build_model(cfg: RunConfig, tok):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.model.init_from:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.init_from)
-        model.resize_token_embeddings(len(tok))
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir(cfg.model.init_from)), dtype=torch.float32)
+        base_vocab = model.get_input_embeddings().weight.shape[0]
+        if len(tok) > base_vocab:
+            torch.manual_seed(cfg.train.seed)
+            model.resize_token_embeddings(len(tok), mean_resizing=True)
+        if cfg.model.lora_r > 0:
+            from apar_worker.adapters import AdapterConfig, apply_lora, train_new_rows
+
+            model.apar_adapter = AdapterConfig(
+                base=cfg.model.init_from,
+                r=cfg.model.lora_r,
+                alpha=cfg.model.lora_alpha,
+                base_vocab_size=base_vocab,
+                vocab_size=len(tok),
+            )
+            torch.manual_seed(cfg.train.seed)
+            apply_lora(model, model.apar_adapter)
+            train_new_rows(model, base_vocab)
         return model
     m = cfg.model
     conf = LlamaConfig(
@@ -263,13 +292,26 @@ def prepare(cfg: RunConfig) -> tuple[object, list[Turn]]:
     data_dir = Path(cfg.data_dir)
     if not (data_dir / "train.jsonl").is_file():
         build(data_dir, cfg.data)
-    tok = load_tokenizer(data_dir / "tokenizer")
+    tok = run_tokenizer(cfg)
     ids = special_ids(tok)
     turns: list[Turn] = []
     for item in load_items(data_dir / "train.jsonl"):
         exs = item_examples(tok, item, cfg.mode, ids)
         turns.append((item.kind, exs, turn_length(exs, item)))
     return tok, turns
+
+
+def run_tokenizer(cfg: RunConfig):
+    """A from-scratch run uses the data build's tokenizer; a fine-tune the base's plus ours."""
+    if not cfg.model.init_from:
+        return load_tokenizer(Path(cfg.data_dir) / "tokenizer")
+    from transformers import AutoTokenizer
+
+    from apar_worker.training.tokenizer import add_apar_tokens
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir(cfg.model.init_from)))
+    add_apar_tokens(tok)
+    return tok
 
 
 def make_pools(turns: list[Turn], t: TrainConfig, data_dir: str) -> dict[str, list[list[Row]]]:
@@ -321,6 +363,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     torch.set_num_threads(t.threads)
     device = pick_device(t.device)
     tok, turns = prepare(cfg)  # tokenised once, shared by both stages
+    if cfg.model.init_from:
+        print(f"{cfg.name}: {len(turns)} training turns tokenised", flush=True)
     model = build_model(cfg, tok).to(device)
     info = run_stage(
         model, tok, make_pools(turns, t, cfg.data_dir), t, Path(cfg.run_dir), cfg.name, device, progress
@@ -337,13 +381,13 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
 
 def run_stage(model, tok, pools, t: TrainConfig, run_dir: Path, name: str, device, progress: bool) -> dict:
     """One stage's optimiser loop with resumable checkpoints in run_dir; trains `model` in place."""
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "ckpt.pt"
     step, history, last_tps = 0, [], None
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        load_trainable(model, state["model"])
         opt.load_state_dict(state["optim"])
         step, history = state["step"], state.get("history", [])
         last_tps = state.get("tokens_per_s")
@@ -355,7 +399,7 @@ def run_stage(model, tok, pools, t: TrainConfig, run_dir: Path, name: str, devic
             stopped_early = True
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, t)
+            g["lr"] = lr_at(step, t) * g.get("lr_scale", 1.0)
         examples = sample_step(pools, t, step)
         n_label = sum(n_targets(e) for e in examples)
         total = 0.0
@@ -390,18 +434,58 @@ def run_stage(model, tok, pools, t: TrainConfig, run_dir: Path, name: str, devic
     }
 
 
+# The new token rows start from the mean embedding and must become distinct tokens within a
+# short run; the LoRA factors only nudge a trained model. So the rows learn faster.
+NEW_ROWS_LR_SCALE = 5.0
+
+
+def param_groups(model, t: TrainConfig) -> list[dict]:
+    """What the optimiser trains; the embedding rows of an adapter run get no weight decay
+    (decay would also shrink the frozen base rows, whose gradient is masked to zero)."""
+    adapter = getattr(model, "apar_adapter", None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if adapter is None:
+        return [{"params": trainable}]
+    from apar_worker.adapters import token_row_weights
+
+    rows = list(token_row_weights(model).values())
+    return [
+        {"params": [p for p in trainable if all(p is not r for r in rows)]},
+        {"params": rows, "weight_decay": 0.0, "lr_scale": NEW_ROWS_LR_SCALE},
+    ]
+
+
+def trainable_state(model) -> dict:
+    """What a checkpoint keeps: the whole model, or only the adapter (tens of MB, not 540)."""
+    adapter = getattr(model, "apar_adapter", None)
+    if adapter is None:
+        return model.state_dict()
+    from apar_worker.adapters import adapter_state
+
+    return adapter_state(model, adapter)
+
+
+def load_trainable(model, state: dict) -> None:
+    adapter = getattr(model, "apar_adapter", None)
+    if adapter is None:
+        model.load_state_dict(state)
+        return
+    from apar_worker.adapters import load_adapter_state
+
+    load_adapter_state(model, state, adapter)
+
+
 def save_checkpoint(
     path: Path, model, opt, step: int, history: list[float], tokens_per_s: float | None = None
 ) -> None:
     tmp = path.with_suffix(".tmp")
-    state = {"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "history": history}
+    weights = trainable_state(model)
+    state = {"model": weights, "optim": opt.state_dict(), "step": step, "history": history}
     torch.save({**state, "tokens_per_s": tokens_per_s}, tmp)
     tmp.replace(path)
     # Weights-only snapshot per checkpoint: a twin can be exported at the step its APAR peer
     # stopped at (same steps, same turns), and any run can be inspected later.
-    torch.save(
-        {"model": model.state_dict(), "step": step, "history": history}, path.parent / f"snap-{step:05d}.pt"
-    )
+    torch.save({"model": weights, "step": step, "history": history}, path.parent / f"snap-{step:05d}.pt")
 
 
 def export_snapshot(cfg: RunConfig, step: int) -> Path:
@@ -409,10 +493,10 @@ def export_snapshot(cfg: RunConfig, step: int) -> Path:
     snap = Path(cfg.run_dir) / f"snap-{step:05d}.pt"
     if not snap.is_file():
         raise ValueError(f"no snapshot for step {step} in {cfg.run_dir}")
-    tok = load_tokenizer(Path(cfg.data_dir) / "tokenizer")
+    tok = run_tokenizer(cfg)
     model = build_model(cfg, tok)
     state = torch.load(snap, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    load_trainable(model, state["model"])
     history = state["history"]
     info = {
         "steps": step,
@@ -435,10 +519,16 @@ def export(cfg: RunConfig, model, tok, info: dict) -> Path:
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.bos_token_id = None
-    model.save_pretrained(str(out), safe_serialization=True)
+    adapter = getattr(model, "apar_adapter", None)
+    if adapter is not None:  # only the delta ships; the registry assembles it onto the base
+        from apar_worker.adapters import adapter_state, save_adapter
+
+        save_adapter(out, adapter_state(model, adapter), adapter)
+    else:
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.bos_token_id = None
+        model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     data_stats = Path(cfg.data_dir) / "stats.json"
     if data_stats.is_file():
