@@ -249,7 +249,9 @@ class Engine:
             if not state.live_branches():
                 finished[id(state)] = state
         for state in finished.values():
-            results.append(self._finish_request(state, state.finish_reason or "stop"))
+            # a branch cut off by the model's context makes the answer "length", not "stop"
+            cut = any(b.finish_reason == "length" for b in state.branches)
+            results.append(self._finish_request(state, state.finish_reason or ("length" if cut else "stop")))
 
     def _append_token(self, state: RequestState, br: Branch, tok: int, results: list) -> None:
         req = state.request
