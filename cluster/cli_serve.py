@@ -113,6 +113,16 @@ def _ray_cpus(cfg: ServeAppConfig, requested: float | None) -> int:
     return max(math.ceil(requested) if requested else os.cpu_count() or 1, needed, 1)
 
 
+def _grpc_message_limit(cfg: ServeAppConfig) -> None:
+    """Ray Serve's gRPC proxy accepts messages up to 2 GiB unless told otherwise (an env var it
+    reads at import, inherited by the proxy from this process): cap it near limits.max_request_bytes.
+
+    Responses share the limit, so it never goes under gRPC's usual 4 MiB; the ingress checks the
+    exact limit itself.
+    """
+    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(max(cfg.limits.max_request_bytes, 4 * 2**20))
+
+
 def _start_ray(num_cpus: int) -> None:
     import ray
 
@@ -192,6 +202,7 @@ def run_serve(args: argparse.Namespace) -> int:
             except RedisServerError as exc:
                 return _fail(str(exc))
         print(f"apar serve: redis {cfg.redis.url}" + (" (started)" if redis_server else ""), flush=True)
+        _grpc_message_limit(cfg)
         _start_ray(_ray_cpus(cfg, args.num_cpus))
         if stop.is_set():
             return 0

@@ -26,10 +26,11 @@ APP_IMPORT_PATH = "cluster.app:build_app"
 INGRESS_DEPLOYMENT = "AparIngress"
 WORKER_DEPLOYMENT = "AparWorker"
 ROUTER_CLASS = "cluster.router:AparRouter"
-# Ray Serve's gRPC proxy registers these servicers; methods of both are served by AparIngress.
+# Ray Serve's gRPC proxy registers these servicers; methods of both are served by AparIngress,
+# which gets each request's raw bytes and decodes them itself (see cluster/grpc_service.py).
 GRPC_SERVICER_FUNCTIONS = [
-    "protos.apar.v1.apar_pb2_grpc.add_AparServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "cluster.grpc_service.add_apar_service",
+    "cluster.grpc_service.add_health_service",
 ]
 
 
@@ -57,6 +58,7 @@ class LimitsSection:
     max_prompt_chars: int
     max_branches: int
     max_timeout_s: float
+    max_request_bytes: int
 
 
 @dataclass
@@ -203,6 +205,7 @@ def _positive(cfg: ServeAppConfig) -> None:
         ("limits.max_prompt_chars", cfg.limits.max_prompt_chars > 0),
         ("limits.max_branches", cfg.limits.max_branches > 0),
         ("limits.max_timeout_s", cfg.limits.max_timeout_s > 0),
+        ("limits.max_request_bytes", 1024 <= cfg.limits.max_request_bytes < 2**31),
         ("worker.num_replicas", cfg.worker.num_replicas > 0),
         ("worker.max_ongoing_requests", cfg.worker.max_ongoing_requests > 0),
         ("worker.num_cpus", cfg.worker.num_cpus >= 0),

@@ -16,10 +16,12 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import RayActorError
@@ -35,6 +37,7 @@ from apar_worker.types import (
     RequestOutput,
 )
 from cluster.config import INGRESS_DEPLOYMENT, load_config_dict
+from cluster.grpc_service import BadWireData, RequestTooLarge, client_message, parse
 from cluster.protocol import to_engine_request, to_event, to_response
 from cluster.resume import ReplayMismatchError, generate_with_failover
 from cluster.state import state_from_config
@@ -43,6 +46,7 @@ from protos.apar.v1 import apar_pb2 as pb
 log = logging.getLogger("ray.serve")
 SERVICE_NAME = "apar.v1.AparService"
 MAX_ATTEMPTS = 3  # one try plus two retries on other replicas if a replica dies
+M = TypeVar("M", bound=Message)
 
 
 class GrpcError(Exception):
@@ -67,10 +71,14 @@ def _status_of(out: RequestOutput, req: GenerateRequest, timeout_s: float) -> Gr
     if out.finish_reason == "cancelled":
         return GrpcError(grpc.StatusCode.CANCELLED, f"request {req.request_id} was cancelled")
     if out.finish_reason == "error":
-        return GrpcError(
-            grpc.StatusCode.INTERNAL, f"request {req.request_id} failed: {out.error or 'engine error'}"
-        )
+        log.error("request %s failed on its replica: %s", req.request_id, out.error)
+        return _internal(req.request_id)
     return None
+
+
+def _internal(request_id: str) -> GrpcError:
+    """What a client learns of a server fault: that it happened, and the id to find it in the logs."""
+    return GrpcError(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
 
 def _set(ctx: RayServegRPCContext, err: GrpcError) -> None:
@@ -123,17 +131,19 @@ class AparIngress:
                     yield replica, item
         except RequestCancelledError:
             raise GrpcError(grpc.StatusCode.CANCELLED, f"request {rid} was cancelled") from None
+        # Errors from a replica arrive wrapped in Ray's traceback: only their own message is sent.
         except InvalidRequestError as exc:  # the engine's own checks, e.g. prompt over max_model_len
-            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, client_message(exc)) from None
         except (EngineOverloadedError, BackPressureError) as exc:
-            raise GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            raise GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, client_message(exc)) from None
         except ReplayMismatchError as exc:
             raise GrpcError(grpc.StatusCode.ABORTED, f"request {rid}: {exc}") from None
         except (RayActorError, DeploymentUnavailableError) as exc:
             if rid in self._cancelled:
                 raise GrpcError(grpc.StatusCode.CANCELLED, f"request {rid} was cancelled") from None
+            log.warning("request %s: no worker replica could finish it: %s", rid, exc)
             raise GrpcError(
-                grpc.StatusCode.UNAVAILABLE, f"no worker replica could finish it: {exc}"
+                grpc.StatusCode.UNAVAILABLE, f"no worker replica could finish request {rid}"
             ) from None
         finally:
             gen = self._inflight.pop(rid, None)
@@ -141,59 +151,89 @@ class AparIngress:
             if gen is not None:
                 gen.cancel()  # no-op once finished; aborts the engine request otherwise
 
-    def _request(self, request: pb.GenerateRequest, stream: bool) -> GenerateRequest:
+    def _parse(self, raw: bytes | M, cls: type[M]) -> M:
+        """The proxy passes the request's bytes (cluster.grpc_service): decode them here."""
         try:
-            return to_engine_request(request, self.cfg.limits, stream=stream)
-        except InvalidRequestError as exc:
+            return parse(raw, cls, self.cfg.limits.max_request_bytes)
+        except BadWireData as exc:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except RequestTooLarge as exc:
+            raise GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+
+    def _request(self, raw: bytes | pb.GenerateRequest, stream: bool) -> tuple[GenerateRequest, float]:
+        """The validated engine request and the request's timeout_s."""
+        request = self._parse(raw, pb.GenerateRequest)
+        try:
+            return to_engine_request(request, self.cfg.limits, stream=stream), request.timeout_s
+        except InvalidRequestError as exc:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, client_message(exc)) from None
 
     # -- apar.v1.AparService -------------------------------------------------------------------
     async def Generate(
-        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+        self, request: bytes | pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> pb.GenerateResponse:
+        rid = ""
         try:
-            req = self._request(request, stream=False)
-            async with contextlib.aclosing(self._run(req, request.timeout_s)) as run:
+            req, timeout_s = self._request(request, stream=False)
+            rid = req.request_id
+            async with contextlib.aclosing(self._run(req, timeout_s)) as run:
                 async for replica, items in run:
                     if isinstance(items[-1], RequestOutput):
-                        err = _status_of(items[-1], req, request.timeout_s)
+                        err = _status_of(items[-1], req, timeout_s)
                         if err is not None:
                             raise err
                         return to_response(items[-1], replica)
             raise GrpcError(grpc.StatusCode.INTERNAL, "no result")
         except GrpcError as err:
             _set(grpc_context, err)
-            return pb.GenerateResponse()
+        except Exception:  # never a traceback to the client: log it, send the request id
+            rid = rid or uuid.uuid4().hex
+            log.exception("request %s: Generate failed", rid)
+            _set(grpc_context, _internal(rid))
+        return pb.GenerateResponse()
 
     async def GenerateStream(
-        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+        self, request: bytes | pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """One message per engine step with that step's events, then one with the final answer."""
+        rid = ""
         try:
-            req = self._request(request, stream=True)
+            req, timeout_s = self._request(request, stream=True)
+            rid = req.request_id
             # aclosing: when the client goes away while this generator is suspended at a
             # yield, _run is closed now (cancelling the worker call), not at garbage collection.
-            async with contextlib.aclosing(self._run(req, request.timeout_s)) as run:
+            async with contextlib.aclosing(self._run(req, timeout_s)) as run:
                 async for replica, items in run:
                     events = [to_event(e, replica) for e in items if isinstance(e, BranchEvent)]
                     if events:
-                        yield pb.GenerateStreamResponse(request_id=req.request_id, events=events)
+                        yield pb.GenerateStreamResponse(request_id=rid, events=events)
                     if not isinstance(items[-1], RequestOutput):
                         continue
-                    err = _status_of(items[-1], req, request.timeout_s)
+                    err = _status_of(items[-1], req, timeout_s)
                     if err is not None:
                         raise err
-                    yield pb.GenerateStreamResponse(
-                        request_id=req.request_id, final=to_response(items[-1], replica)
-                    )
+                    yield pb.GenerateStreamResponse(request_id=rid, final=to_response(items[-1], replica))
         except GrpcError as err:
             # A stream carries the context to the proxy only with a message or an exception;
             # raising after set_code makes Ray Serve keep our code and details.
             _set(grpc_context, err)
             raise
+        except Exception:  # never a traceback to the client: log it, send the request id
+            rid = rid or uuid.uuid4().hex
+            log.exception("request %s: GenerateStream failed", rid)
+            err = _internal(rid)
+            _set(grpc_context, err)
+            raise err from None
 
-    async def Cancel(self, request: pb.CancelRequest, grpc_context: RayServegRPCContext) -> pb.CancelResponse:
+    async def Cancel(
+        self, request: bytes | pb.CancelRequest, grpc_context: RayServegRPCContext
+    ) -> pb.CancelResponse:
         """Cancels a request this ingress replica is serving (the request_id the client chose)."""
+        try:
+            request = self._parse(request, pb.CancelRequest)
+        except GrpcError as err:
+            _set(grpc_context, err)
+            return pb.CancelResponse()
         if not request.request_id:
             _set(grpc_context, GrpcError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required"))
             return pb.CancelResponse()
@@ -215,9 +255,14 @@ class AparIngress:
             return health_pb2.HealthCheckResponse.NOT_SERVING
 
     async def Check(
-        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+        self, request: bytes | health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
     ) -> health_pb2.HealthCheckResponse:
         """SERVING when a worker replica answers; the proxy's own health is /ray.serve...Healthz."""
+        try:
+            request = self._parse(request, health_pb2.HealthCheckRequest)
+        except GrpcError as err:
+            _set(grpc_context, err)
+            return health_pb2.HealthCheckResponse()
         status = await self._health(request.service)
         if status < 0:
             _set(grpc_context, GrpcError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}"))
@@ -225,9 +270,14 @@ class AparIngress:
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(
-        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+        self, request: bytes | health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         """Sends the status now and again whenever it changes (checked every 2 s)."""
+        try:
+            request = self._parse(request, health_pb2.HealthCheckRequest)
+        except GrpcError as err:
+            _set(grpc_context, err)
+            raise
         last = None
         while True:
             status = await self._health(request.service)

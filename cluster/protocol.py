@@ -23,6 +23,7 @@ from protos.apar.v1 import apar_pb2 as pb
 _ROLES = ("system", "user", "assistant")
 _MAX_ID_CHARS = 128
 _MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string: the engine searches the text's tail for every one each token
 _MAX_DEPTH = 8
 
 
@@ -54,6 +55,9 @@ def _sampling(msg: pb.GenerateRequest, max_tokens: int) -> SamplingParams:
         params.seed = random.getrandbits(31)
     if len(s.stop) > _MAX_STOP_STRINGS:
         raise _bad(f"sampling.stop: at most {_MAX_STOP_STRINGS} stop strings, got {len(s.stop)}")
+    for i, stop in enumerate(s.stop):
+        if len(stop) > MAX_STOP_CHARS:
+            raise _bad(f"sampling.stop[{i}]: at most {MAX_STOP_CHARS} characters, got {len(stop)}")
     params.stop = list(s.stop)
     params.ignore_eos = s.ignore_eos
     return params

@@ -6,11 +6,16 @@ Engine tests run in-process on a tiny random model; the cluster tests use the sh
 
 from __future__ import annotations
 
+import re
+
+import grpc
 import pytest
 from engine_utils import make_model, make_tokenizer
 
 from apar_worker.engine import Engine, EngineConfig
 from apar_worker.types import GenerateRequest, SamplingParams
+from protos.apar.v1 import apar_pb2 as pb
+from protos.apar.v1 import apar_pb2_grpc as pb_grpc
 
 # -- 4. the end of the model's context is "length" ------------------------------------------------
 
@@ -26,3 +31,153 @@ def test_branch_at_the_end_of_the_context_finishes_with_length(fork):
     assert out.num_tokens < 200, "the context must end the request before max_tokens"
     assert any(b.finish_reason == "length" for b in out.branches)
     assert out.finish_reason == "length"
+
+
+# -- unit: what a client may be told, and how requests are decoded ---------------------------------
+
+
+def test_client_message_is_the_replica_errors_own_line():
+    from ray.exceptions import RayTaskError
+
+    from apar_worker.types import InvalidRequestError
+    from cluster.grpc_service import client_message
+
+    cause = InvalidRequestError("prompt has 1024 tokens; the model's context is 1024 tokens")
+    tb = 'Traceback (most recent call last):\n  File "/srv/apar/engine.py", line 1\n'
+    wrapped = RayTaskError(
+        "AparWorker.generate", tb, cause, proctitle="ray::ServeReplica", pid=4242, ip="10.1.2.3"
+    )
+    wrapped = wrapped.as_instanceof_cause()
+    assert isinstance(wrapped, InvalidRequestError) and "pid=4242" in str(wrapped)
+    assert client_message(wrapped) == str(cause)
+    assert client_message(ValueError("\x1b[31mbad\x1b[0m thing\n  at /a/b.py")) == "bad thing"
+    assert len(client_message(ValueError("x" * 5000))) <= 300
+
+
+def test_parse_turns_bad_wire_data_into_typed_errors():
+    from cluster.grpc_service import BadWireData, RequestTooLarge, parse
+
+    good = pb.GenerateRequest(prompt="hi", max_tokens=3)
+    assert parse(good.SerializeToString(), pb.GenerateRequest, 1024) == good
+    assert parse(good, pb.GenerateRequest, 1024) is good
+    for raw in (b"\xff\xff\xff\xff", b"\x0a\x02\xc3\x28"):  # garbage; prompt with invalid UTF-8
+        with pytest.raises(BadWireData, match="not a valid apar.v1.GenerateRequest"):
+            parse(raw, pb.GenerateRequest, 1024)
+    with pytest.raises(RequestTooLarge, match="2000 bytes; the limit is 1024"):
+        parse(b"\x00" * 2000, pb.GenerateRequest, 1024)
+
+
+def test_engine_error_is_internal_with_a_request_id_only():
+    from apar_worker.types import RequestOutput
+    from cluster.ingress import _status_of
+
+    req = GenerateRequest(prompt="hi", request_id="rq-1")
+    out = RequestOutput(request_id="rq-1", text="", branches=[], finish_reason="error", prompt_tokens=1,
+                        num_tokens=0, steps=0, cached_tokens=0, ttft_s=None, latency_s=0.0,
+                        error="engine step failed: at /srv/x.py pid 77")  # fmt: skip
+    err = _status_of(out, req, 0.0)
+    assert err.code == grpc.StatusCode.INTERNAL
+    assert err.message == "internal error (request id rq-1)"
+
+
+def test_stop_strings_and_request_size_are_capped():
+    from apar_worker.types import InvalidRequestError
+    from cluster.config import load_config
+    from cluster.protocol import MAX_STOP_CHARS, to_engine_request
+
+    limits = load_config(None).limits
+    assert limits.max_request_bytes == 4 * 2**20
+    ok = pb.GenerateRequest(prompt="a", sampling=pb.SamplingParams(stop=["x" * MAX_STOP_CHARS] * 16))
+    assert to_engine_request(ok, limits, stream=False).sampling.stop == ["x" * MAX_STOP_CHARS] * 16
+    bad = pb.GenerateRequest(prompt="a", sampling=pb.SamplingParams(stop=["ok", "x" * (MAX_STOP_CHARS + 1)]))
+    with pytest.raises(InvalidRequestError, match=r"sampling.stop\[1\]: at most 256 characters"):
+        to_engine_request(bad, limits, stream=False)
+
+
+# -- cluster: every error a client gets is a clean, typed status ----------------------------------
+
+LEAKS = ("\x1b", "pid=", "ip=", "Traceback", "ray::", "actor_id", ".py", "File ")
+
+
+def _rpc_error(call, *args, **kw) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        result = call(*args, **kw)
+        if not isinstance(result, pb.GenerateResponse | pb.CancelResponse):
+            list(result)  # a stream: the status comes at its end
+    details = err.value.details() or ""
+    assert not any(leak in details for leak in LEAKS), f"internal details reached the client: {details!r}"
+    assert "\n" not in details and len(details) <= 300, details
+    return err.value
+
+
+@pytest.fixture(scope="module")
+def channel(apar_cluster):
+    pids = {rid: load.pid for rid, load in apar_cluster.wait_replicas().items()}
+    with grpc.insecure_channel(apar_cluster.address) as ch:
+        yield ch
+    # hostile input crashed no replica and leaked no KV block
+    apar_cluster.wait_kv_free()
+    assert {rid: load.pid for rid, load in apar_cluster.loads().items()} == pids
+
+
+@pytest.fixture(scope="module")
+def stub(channel) -> pb_grpc.AparServiceStub:
+    return pb_grpc.AparServiceStub(channel)
+
+
+def _calls(stub: pb_grpc.AparServiceStub) -> list:
+    return [stub.Generate, stub.GenerateStream]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pb.GenerateRequest(prompt=" ".join(["sleep"] * 1023), max_tokens=8),
+        pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="hi")] * 2000, max_tokens=8),
+    ],
+    ids=["long prompt", "many messages"],
+)
+def test_prompt_over_the_context_is_one_clean_line(stub, request_):
+    for call in _calls(stub):
+        err = _rpc_error(call, request_, timeout=60)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert re.fullmatch(r"prompt has \d+ tokens; the model's context is \d+ tokens", err.details())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream", "Cancel"])
+def test_undecodable_wire_data_is_invalid_argument(channel, method):
+    path = f"/apar.v1.AparService/{method}"
+    call = channel.unary_stream(path) if method == "GenerateStream" else channel.unary_unary(path)
+    # garbage; a string field (prompt / request_id) holding invalid UTF-8
+    for raw in (b"\xff\xfe\xfd\xfc\x00\x01", b"\x0a\x02\xc3\x28"):
+        with pytest.raises(grpc.RpcError) as err:
+            result = call(raw, timeout=30)
+            if method == "GenerateStream":
+                list(result)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "not a valid apar.v1." in err.value.details()
+    health = channel.unary_unary("/grpc.health.v1.Health/Check")
+    with pytest.raises(grpc.RpcError) as err:
+        health(b"\x0a\x02\xc3\x28", timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_stop_strings_and_request_size_are_capped_at_the_server(stub):
+    long_stop = pb.GenerateRequest(prompt="hi", max_tokens=4, sampling=pb.SamplingParams(stop=["x" * 257]))
+    huge_stops = pb.GenerateRequest(
+        prompt="hi", max_tokens=4, sampling=pb.SamplingParams(stop=["x" * 2**21] * 16)
+    )
+    huge_prompt = pb.GenerateRequest(prompt="x" * (5 * 2**20), max_tokens=4)
+    for call in _calls(stub):
+        err = _rpc_error(call, long_stop, timeout=30)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.stop[0]" in err.details()
+        for request_ in (huge_stops, huge_prompt):
+            err = _rpc_error(call, request_, timeout=60)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+            assert "larger than max" in err.details() or "the limit is" in err.details()

@@ -110,7 +110,7 @@ Keys Helm drops when a user sets them to null are put back as null.
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- $grpc := dict "port" $cfg.grpc.port "grpc_servicer_functions" (list "protos.apar.v1.apar_pb2_grpc.add_AparServiceServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server") -}}
+{{- $grpc := dict "port" $cfg.grpc.port "grpc_servicer_functions" (list "cluster.grpc_service.add_apar_service" "cluster.grpc_service.add_health_service") -}}
 {{- if not (kindIs "invalid" $cfg.grpc.request_timeout_s) -}}
 {{- $_ := set $grpc "request_timeout_s" $cfg.grpc.request_timeout_s -}}
 {{- end -}}
