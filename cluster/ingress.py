@@ -100,9 +100,10 @@ class AparIngress:
     # -- core ----------------------------------------------------------------------------------
     async def _run(
         self, req: GenerateRequest, timeout_s: float
-    ) -> AsyncIterator[tuple[str, list[BranchEvent | RequestOutput]]]:
-        """(replica_id, items) pairs of one request, a list per engine step (the last one ends
-        with the RequestOutput); raises GrpcError on failure.
+    ) -> AsyncIterator[tuple[list[str], list[BranchEvent | RequestOutput]]]:
+        """(replica ids, items) pairs of one request, a list per engine step (the last one ends
+        with the RequestOutput); raises GrpcError on failure. The replica ids are every replica
+        that ran the request so far, the current one last.
 
         A replica that dies mid-request is marked dead and the request is replayed on another
         one; `cluster.resume` forwards only the events the client has not seen yet.
@@ -120,15 +121,15 @@ class AparIngress:
             self._inflight[rid] = gen
             return gen
 
-        replica = ""
+        ran: list[str] = []
         try:
             async for item in generate_with_failover(
                 start, request_id=rid, state=self.state, max_attempts=MAX_ATTEMPTS
             ):
                 if isinstance(item, str):
-                    replica = item
+                    ran.append(item)
                 else:
-                    yield replica, item
+                    yield list(ran), item
         except RequestCancelledError:
             raise GrpcError(grpc.StatusCode.CANCELLED, f"request {rid} was cancelled") from None
         # Errors from a replica arrive wrapped in Ray's traceback: only their own message is sent.
@@ -177,12 +178,12 @@ class AparIngress:
             req, timeout_s = self._request(request, stream=False)
             rid = req.request_id
             async with contextlib.aclosing(self._run(req, timeout_s)) as run:
-                async for replica, items in run:
+                async for replicas, items in run:
                     if isinstance(items[-1], RequestOutput):
                         err = _status_of(items[-1], req, timeout_s)
                         if err is not None:
                             raise err
-                        return to_response(items[-1], replica)
+                        return to_response(items[-1], replicas)
             raise GrpcError(grpc.StatusCode.INTERNAL, "no result")
         except GrpcError as err:
             _set(grpc_context, err)
@@ -203,8 +204,8 @@ class AparIngress:
             # aclosing: when the client goes away while this generator is suspended at a
             # yield, _run is closed now (cancelling the worker call), not at garbage collection.
             async with contextlib.aclosing(self._run(req, timeout_s)) as run:
-                async for replica, items in run:
-                    events = [to_event(e, replica) for e in items if isinstance(e, BranchEvent)]
+                async for replicas, items in run:
+                    events = [to_event(e, replicas[-1]) for e in items if isinstance(e, BranchEvent)]
                     if events:
                         yield pb.GenerateStreamResponse(request_id=rid, events=events)
                     if not isinstance(items[-1], RequestOutput):
@@ -212,7 +213,7 @@ class AparIngress:
                     err = _status_of(items[-1], req, timeout_s)
                     if err is not None:
                         raise err
-                    yield pb.GenerateStreamResponse(request_id=rid, final=to_response(items[-1], replica))
+                    yield pb.GenerateStreamResponse(request_id=rid, final=to_response(items[-1], replicas))
         except GrpcError as err:
             # A stream carries the context to the proxy only with a message or an exception;
             # raising after set_code makes Ray Serve keep our code and details.

@@ -114,7 +114,9 @@ def to_engine_request(msg: pb.GenerateRequest, limits: LimitsSection, stream: bo
     return req
 
 
-def to_response(out: RequestOutput, replica_id: str) -> pb.GenerateResponse:
+def to_response(out: RequestOutput, replica_ids: list[str]) -> pb.GenerateResponse:
+    """`replica_ids`: every replica that ran the request (more than one after a failover), the
+    one that produced `out` last."""
     branches = []
     for b in out.branches:
         branch = pb.Branch(id=b.id, text=b.text, num_tokens=b.num_tokens, finish_reason=b.finish_reason or "")
@@ -137,7 +139,8 @@ def to_response(out: RequestOutput, replica_id: str) -> pb.GenerateResponse:
             num_preemptions=out.num_preemptions,
         ),
         timings=pb.Timings(ttft_s=out.ttft_s or 0.0, latency_s=out.latency_s),
-        replica_id=replica_id,
+        replica_id=replica_ids[-1] if replica_ids else "",
+        replica_ids=replica_ids,
     )
 
 

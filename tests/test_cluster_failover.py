@@ -96,6 +96,10 @@ def test_killing_a_replica_mid_generation_loses_and_duplicates_nothing(apar_clus
         assert res["created"] == ref["created"] and res["finished"] == ref["finished"]
         assert all(n <= 1 for n in [*res["created"].values(), *res["finished"].values()])  # never twice
         assert final.replica_id != victim
+        # the final answer names every replica that ran the request, the one that finished it last
+        assert final.replica_ids[-1] == final.replica_id
+        assert set(res["replicas"]) <= set(final.replica_ids)
+        assert len(final.replica_ids) == 1 or victim in final.replica_ids[:-1]
         moved += victim in res["replicas"]
     assert moved >= 1, "the killed replica was serving none of the streams"
 

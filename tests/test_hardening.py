@@ -181,3 +181,17 @@ def test_stop_strings_and_request_size_are_capped_at_the_server(stub):
             err = _rpc_error(call, request_, timeout=60)
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
             assert "larger than max" in err.details() or "the limit is" in err.details()
+
+
+# -- 9. the replicas that ran a request -------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_final_names_every_replica_that_ran_the_request(stub):
+    """Without a failover that is the one replica (the failover test checks the other case)."""
+    req = pb.GenerateRequest(prompt="What are some tips for sleeping well?", max_tokens=8)
+    resp = stub.Generate(req, timeout=120)
+    assert resp.replica_id and list(resp.replica_ids) == [resp.replica_id]
+    finals = [m.final for m in stub.GenerateStream(req, timeout=120) if m.HasField("final")]
+    assert len(finals) == 1 and list(finals[0].replica_ids) == [finals[0].replica_id]

@@ -97,7 +97,7 @@ class Timings(_message.Message):
     def __init__(self, ttft_s: _Optional[float] = ..., latency_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "branches", "finish_reason", "usage", "timings", "replica_id")
+    __slots__ = ("request_id", "text", "branches", "finish_reason", "usage", "timings", "replica_id", "replica_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     branches: _containers.RepeatedCompositeFieldContainer[Branch]
@@ -112,7 +113,8 @@ class GenerateResponse(_message.Message):
     usage: Usage
     timings: Timings
     replica_id: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[Branch, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    replica_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[Branch, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., replica_id: _Optional[str] = ..., replica_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BranchEvent(_message.Message):
     __slots__ = ("branch_id", "parent_id", "delta_text", "created", "finish_reason", "num_new_tokens", "replica_id")
