@@ -3,7 +3,8 @@
 `apar serve` starts everything in this process's care and tears it down on Ctrl-C/SIGTERM:
 a redis-server (unless --redis-url/$APAR_REDIS_URL names one), a local Ray instance sized for a
 laptop (no dashboard), then Ray Serve with the gRPC proxy and the application built from the
-same config that Helm renders into serveConfigV2. It writes a small state file so that
+same config that Helm renders into serveConfigV2. Everything listens on --host, loopback by
+default, Ray's own ports included (cluster/loopback.py). It writes a small state file so that
 `apar status` can find the Redis it started.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import ConfigError, ServeAppConfig, load_config, to_serve_deploy_dict
+from cluster.loopback import listen_on
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +50,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--replicas", type=int, default=None, metavar="N", help="worker replicas (turns autoscaling off)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address gRPC and the HTTP proxy listen on (default 127.0.0.1: loopback only, Ray's own "
+        "ports too); 0.0.0.0 or a LAN address serves other machines",
     )
     p.add_argument("--grpc-port", type=int, default=None, metavar="PORT", help="gRPC port (default 50051)")
     p.add_argument(
@@ -87,6 +96,7 @@ def _load(args: argparse.Namespace) -> ServeAppConfig:
         replicas=args.replicas,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
+        http__host=args.host,  # local mode: --host, not the config's (0.0.0.0 for pods)
         redis_url=args.redis_url or os.environ.get("APAR_REDIS_URL") or None,
     )
 
@@ -123,7 +133,8 @@ def _grpc_message_limit(cfg: ServeAppConfig) -> None:
     os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(max(cfg.limits.max_request_bytes, 4 * 2**20))
 
 
-def _start_ray(num_cpus: int) -> None:
+def _start_ray(num_cpus: int, host: str) -> None:
+    runtime_env = listen_on(host)  # before Ray starts: it reads the environment once
     import ray
 
     # Replicas are separate processes: they must import cluster/, protos/ and apar_worker/ even
@@ -137,6 +148,7 @@ def _start_ray(num_cpus: int) -> None:
         "logging_level": logging.WARNING,
         "log_to_driver": os.environ.get("APAR_RAY_LOGS", "0") == "1",
         "namespace": "apar",
+        "runtime_env": runtime_env,
     }
     try:
         ray.init(**kwargs)
@@ -203,7 +215,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 return _fail(str(exc))
         print(f"apar serve: redis {cfg.redis.url}" + (" (started)" if redis_server else ""), flush=True)
         _grpc_message_limit(cfg)
-        _start_ray(_ray_cpus(cfg, args.num_cpus))
+        _start_ray(_ray_cpus(cfg, args.num_cpus), args.host)
         if stop.is_set():
             return 0
         print(f"apar serve: deploying {cfg.model} on {cfg.worker.num_replicas} replica(s) ...", flush=True)
@@ -218,7 +230,8 @@ def run_serve(args: argparse.Namespace) -> int:
         state.write_text(json.dumps({**record, "metrics_url": metrics_url}))
         print(f"apar serve: Prometheus metrics at {metrics_url}", flush=True)
         print(
-            f"apar serve: listening on grpc 127.0.0.1:{cfg.grpc.port} (apar.v1.AparService, health, reflection); "
+            f"apar serve: listening on grpc {_hostport(args.host, cfg.grpc.port)} "
+            "(apar.v1.AparService, health, reflection); "
             "Ctrl-C stops",
             flush=True,
         )
@@ -230,6 +243,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return _fail(f"serve failed: {_short_error(exc)}")
     finally:
         _shutdown(redis_server, state)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _metrics_url() -> str:

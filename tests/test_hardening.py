@@ -6,7 +6,12 @@ Engine tests run in-process on a tiny random model; the cluster tests use the sh
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
 import re
+import socket
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,6 +19,7 @@ from engine_utils import make_model, make_tokenizer
 
 from apar_worker.engine import Engine, EngineConfig
 from apar_worker.types import GenerateRequest, SamplingParams
+from cluster.cli_serve import state_file
 from protos.apar.v1 import apar_pb2 as pb
 from protos.apar.v1 import apar_pb2_grpc as pb_grpc
 
@@ -195,3 +201,86 @@ def test_final_names_every_replica_that_ran_the_request(stub):
     assert resp.replica_id and list(resp.replica_ids) == [resp.replica_id]
     finals = [m.final for m in stub.GenerateStream(req, timeout=120) if m.HasField("final")]
     assert len(finals) == 1 and list(finals[0].replica_ids) == [finals[0].replica_id]
+
+
+# -- 5. local mode listens on loopback only ----------------------------------------------------------
+
+
+def _listening() -> dict[int, tuple[str, int]]:
+    """Socket inode -> (address, port) of every listening TCP socket, from /proc/net/tcp{,6}."""
+    out = {}
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with open(f"/proc/net/{name}") as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[3] != "0A":  # TCP_LISTEN
+                    continue
+                hex_ip, hex_port = fields[1].split(":")
+                raw = bytes.fromhex(hex_ip)
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+                out[int(fields[9])] = (socket.inet_ntop(family, raw), int(hex_port, 16))
+    return out
+
+
+def _sockets_of_session(sid: int) -> dict[int, int]:
+    """Socket inode -> pid for every process of session `sid` (apar serve and all it started)."""
+    owned = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[3]) != sid:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    owned[int(target[8:-1])] = int(pid)
+        except OSError:  # a process that just exited, or a file descriptor that just closed
+            continue
+    return owned
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_local_mode_listens_on_loopback_only(apar_cluster):
+    """Every listening socket of the cluster's processes (apar serve runs in its own session:
+    Ray's GCS, raylet, agents, workers, the Serve proxy and replicas) is on 127.0.0.1 / ::1."""
+    listening = _listening()
+    owned = _sockets_of_session(os.getsid(apar_cluster.proc.pid))
+    ours = {inode: listening[inode] for inode in owned if inode in listening}
+    ports = {port for _, port in ours.values()}
+    metrics_port = int(
+        json.loads(state_file(apar_cluster.grpc_port).read_text())["metrics_url"]
+        .rsplit(":", 1)[1]
+        .split("/")[0]
+    )
+    assert {apar_cluster.grpc_port, metrics_port} <= ports, f"the cluster's sockets were not found: {ours}"
+    assert len(ours) >= 5, ours  # gRPC, HTTP, metrics, GCS, raylet at least
+    wide = {
+        f"{addr}:{port}": _cmdline(owned[inode])
+        for inode, (addr, port) in ours.items()
+        if not _is_loopback(addr)
+    }
+    assert not wide, f"listening on a non-loopback address (address: process): {wide}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return f"{pid} " + Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:120]
+    except OSError:
+        return str(pid)
+
+
+def test_grpc_address_is_moved_to_the_host():
+    from cluster.loopback import grpc_address, is_loopback
+
+    assert grpc_address("[::]:50051", "127.0.0.1") == "127.0.0.1:50051"
+    assert grpc_address("[::]:0", "::1") == "[::1]:0"
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("192.0.2.7")
