@@ -95,7 +95,8 @@ def test_killing_a_replica_mid_generation_loses_and_duplicates_nothing(apar_clus
         assert res["text"] == ref["text"]
         assert res["created"] == ref["created"] and res["finished"] == ref["finished"]
         assert all(n <= 1 for n in [*res["created"].values(), *res["finished"].values()])  # never twice
-        assert final.replica_id != victim
+        # a request may have finished on the victim just before the kill landed; then it ran nowhere else
+        assert final.replica_id != victim or list(final.replica_ids) == [victim]
         # the final answer names every replica that ran the request, the one that finished it last
         assert final.replica_ids[-1] == final.replica_id
         assert set(res["replicas"]) <= set(final.replica_ids)
