@@ -8,10 +8,9 @@ as ordinary characters, while the chat template's own markers stay special.
 
 from __future__ import annotations
 
-from apar_worker.types import GenerateRequest, InvalidRequestError
+from apar_worker.types import CONTROL_TOKENS, GenerateRequest, InvalidRequestError
 
 ZWSP = "\u200b"
-CONTROL_TOKENS = ("[Fork]", "[Child]")
 
 
 def special_strings(tok) -> list[str]:

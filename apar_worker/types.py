@@ -12,6 +12,12 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 
+# The APAR control tokens (docs/design.md, "Decoding contract"): a branch samples `[Fork]` to
+# make a child; the engine feeds `[Child]` as the child's first token (it is never sampled).
+FORK_TOKEN = "[Fork]"
+CHILD_TOKEN = "[Child]"
+CONTROL_TOKENS = (FORK_TOKEN, CHILD_TOKEN)
+
 
 class AparError(Exception):
     """Base class of every error the engine raises on purpose."""
