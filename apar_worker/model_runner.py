@@ -7,8 +7,9 @@ reads and writes the paged KV cache. Logits are computed only for the rows that 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -18,6 +19,10 @@ from apar_worker.attention import ATTN_IMPLEMENTATION, FORWARD_CONTEXT, Attentio
 from apar_worker.kv_cache import KVCache
 from apar_worker.model_registry import resolve_model
 from apar_worker.types import ModelLoadError
+
+if TYPE_CHECKING:
+    from apar_worker.scheduler import SchedulerOutput
+    from apar_worker.sequence import Branch, RequestState
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +73,50 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
     return ModelShape(cfg.num_hidden_layers, kv_heads, head_dim, int(max_len), cfg.vocab_size)
 
 
+@dataclass
+class StepBatch:
+    """One step's model inputs: every scheduled token flattened, with per-token positions."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    seqs: list[SeqSlice] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # flat index of each row that samples
+    rows: list[tuple[RequestState, Branch]] = field(default_factory=list)  # who samples each row
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write before the forward
+    meta: AttentionMetadata | None = None  # built by `execute`
+
+
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, kv_cache: KVCache) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
         self.kv_cache = kv_cache
         self.device = next(model.parameters()).device
-        self.last_attended_tokens = 0
+
+    @staticmethod
+    def prepare(sched: SchedulerOutput) -> StepBatch:
+        """Flatten the scheduled chunks of all branches into one sequence."""
+        batch = StepBatch(copies=sched.copies)
+        for sb in sched.scheduled:
+            br, start, n = sb.branch, sb.start, sb.num_tokens
+            offset = len(batch.input_ids)
+            batch.input_ids.extend(br.tokens[start : start + n])
+            batch.positions.extend(range(start, start + n))
+            batch.seqs.append(SeqSlice(offset, offset + n, br.block_table, start))
+            if sb.sample:
+                batch.sample_rows.append(offset + n - 1)
+                batch.rows.append((sb.request, br))
+        return batch
 
     @torch.no_grad()
-    def execute(
-        self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice], sample_rows: list[int]
-    ) -> torch.Tensor:
-        """Run one step; returns float32 logits [len(sample_rows), vocab]."""
-        meta = AttentionMetadata.build(seqs, self.kv_cache.block_size, self.device)
-        self.last_attended_tokens = meta.attended_tokens
-        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
-        keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        """Make the step's copy-on-write copies, run the forward; float32 logits [rows, vocab]."""
+        self.kv_cache.copy_blocks(batch.copies)
+        meta = AttentionMetadata.build(batch.seqs, self.kv_cache.block_size, self.device)
+        batch.meta = meta
+        ids = torch.tensor([batch.input_ids], dtype=torch.long, device=self.device)
+        pos = torch.tensor([batch.positions], dtype=torch.long, device=self.device)
+        keep = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
         FORWARD_CONTEXT.kv_cache = self.kv_cache
         FORWARD_CONTEXT.meta = meta
         try:

@@ -1,8 +1,9 @@
 """Per-request state: the branch tree, each branch's tokens and KV block table.
 
-A branch's `tokens` is its whole visible context (DESIGN §2): the prompt, the ancestors'
-tokens through each `[Fork]`, `[Child]`, then its own output. `num_computed` of them have
-K/V in the cache; the rest (normally one sampled token, or a prompt chunk) are fed next.
+A branch's `tokens` is its whole visible context (docs/design.md, "Decoding contract"): the
+prompt, the ancestors' tokens through each `[Fork]`, `[Child]`, then its own output.
+`num_computed` of them have K/V in the cache (only the KV manager changes it); the rest
+(normally one sampled token, or a prompt chunk) are fed next.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from apar_worker.kv_cache import chain_hash
-from apar_worker.types import BranchInfo, FinishReason, GenerateRequest
+from apar_worker.types import FinishReason, GenerateRequest
 
 
 class RequestStatus(enum.Enum):
@@ -52,23 +52,11 @@ class Branch:
     def num_pending(self) -> int:
         return len(self.tokens) - self.num_computed
 
-    def update_block_hashes(self, block_size: int) -> list[tuple[int, int]]:
-        """Hash blocks that became full; returns (block, hash) pairs to register."""
-        new = []
-        while len(self.block_hashes) < self.num_computed // block_size:
-            i = len(self.block_hashes)
-            prev = self.block_hashes[-1] if self.block_hashes else None
-            h = chain_hash(prev, self.tokens[i * block_size : (i + 1) * block_size])
-            self.block_hashes.append(h)
-            new.append((self.block_table[i], h))
-        return new
-
 
 @dataclass(eq=False)
 class RequestState:
     request: GenerateRequest
     prompt_ids: list[int]
-    arrival_order: int
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     branches: list[Branch] = field(default_factory=list)
@@ -98,31 +86,3 @@ class RequestState:
             return 0
         expected = min(expected_forks, self.request.max_branches - 1)
         return max(0, expected - (len(self.branches) - 1))
-
-
-def assemble(branch: Branch, decode) -> str:
-    """Answer text in reading order: own text up to each [Fork], the child's answer, then on."""
-    out = branch.output_ids
-    parts: list[str] = []
-    start = 0
-    for idx in sorted(branch.children):
-        parts.append(decode(out[start:idx]))
-        parts.append(assemble(branch.children[idx], decode))
-        start = idx + 1
-    parts.append(decode(out[start:]))
-    return "".join(parts)
-
-
-def branch_infos(state: RequestState, decode) -> list[BranchInfo]:
-    return [
-        BranchInfo(
-            id=b.id,
-            parent=b.parent.id if b.parent is not None else None,
-            text=decode(b.output_ids),
-            num_tokens=len(b.output_ids),
-            finish_reason=b.finish_reason,
-            fork_position=b.fork_index,
-            token_ids=list(b.output_ids),
-        )
-        for b in state.branches
-    ]
