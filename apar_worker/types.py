@@ -31,10 +31,6 @@ class ModelLoadError(AparError):
     """The model directory/name cannot be loaded (CLI exit code 2)."""
 
 
-class EngineOverloadedError(AparError):
-    """The engine cannot accept more work right now (maps to RESOURCE_EXHAUSTED)."""
-
-
 @dataclass
 class SamplingParams:
     """Per-request sampling. temperature == 0 means greedy."""

@@ -29,9 +29,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from apar_worker.reading_order import ReadingOrder
 from apar_worker.types import (
     BranchEvent,
-    EngineOverloadedError,
     GenerateRequest,
     InvalidRequestError,
     RequestOutput,
@@ -135,7 +135,7 @@ class AparIngress:
         # Errors from a replica arrive wrapped in Ray's traceback: only their own message is sent.
         except InvalidRequestError as exc:  # the engine's own checks, e.g. prompt over max_model_len
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, client_message(exc)) from None
-        except (EngineOverloadedError, BackPressureError) as exc:
+        except BackPressureError as exc:
             raise GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, client_message(exc)) from None
         except ReplayMismatchError as exc:
             raise GrpcError(grpc.StatusCode.ABORTED, f"request {rid}: {exc}") from None
@@ -161,11 +161,13 @@ class AparIngress:
         except RequestTooLarge as exc:
             raise GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
 
-    def _request(self, raw: bytes | pb.GenerateRequest, stream: bool) -> tuple[GenerateRequest, float]:
-        """The validated engine request and the request's timeout_s."""
+    def _request(
+        self, raw: bytes | pb.GenerateRequest, stream: bool
+    ) -> tuple[GenerateRequest, pb.GenerateRequest]:
+        """The validated engine request and the message it came from (timeout_s, ordered)."""
         request = self._parse(raw, pb.GenerateRequest)
         try:
-            return to_engine_request(request, self.cfg.limits, stream=stream), request.timeout_s
+            return to_engine_request(request, self.cfg.limits, stream=stream), request
         except InvalidRequestError as exc:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, client_message(exc)) from None
 
@@ -175,8 +177,8 @@ class AparIngress:
     ) -> pb.GenerateResponse:
         rid = ""
         try:
-            req, timeout_s = self._request(request, stream=False)
-            rid = req.request_id
+            req, msg = self._request(request, stream=False)
+            rid, timeout_s = req.request_id, msg.timeout_s
             async with contextlib.aclosing(self._run(req, timeout_s)) as run:
                 async for replicas, items in run:
                     if isinstance(items[-1], RequestOutput):
@@ -199,21 +201,26 @@ class AparIngress:
         """One message per engine step with that step's events, then one with the final answer."""
         rid = ""
         try:
-            req, timeout_s = self._request(request, stream=True)
-            rid = req.request_id
+            req, msg = self._request(request, stream=True)
+            rid, timeout_s = req.request_id, msg.timeout_s
+            order = ReadingOrder() if msg.ordered else None
             # aclosing: when the client goes away while this generator is suspended at a
             # yield, _run is closed now (cancelling the worker call), not at garbage collection.
             async with contextlib.aclosing(self._run(req, timeout_s)) as run:
                 async for replicas, items in run:
-                    events = [to_event(e, replicas[-1]) for e in items if isinstance(e, BranchEvent)]
-                    if events:
-                        yield pb.GenerateStreamResponse(request_id=rid, events=events)
+                    evs = [e for e in items if isinstance(e, BranchEvent)]
+                    if evs:
+                        delta = "".join(order.feed(e) for e in evs) if order else ""
+                        events = [to_event(e, replicas[-1]) for e in evs]
+                        yield pb.GenerateStreamResponse(request_id=rid, events=events, ordered_delta=delta)
                     if not isinstance(items[-1], RequestOutput):
                         continue
                     err = _status_of(items[-1], req, timeout_s)
                     if err is not None:
                         raise err
-                    yield pb.GenerateStreamResponse(request_id=rid, final=to_response(items[-1], replicas))
+                    final = to_response(items[-1], replicas)
+                    rest = order.finish(final.text) if order else ""
+                    yield pb.GenerateStreamResponse(request_id=rid, final=final, ordered_delta=rest)
         except GrpcError as err:
             # A stream carries the context to the proxy only with a message or an exception;
             # raising after set_code makes Ray Serve keep our code and details.
