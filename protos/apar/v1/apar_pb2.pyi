@@ -33,7 +33,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "sampling", "max_tokens", "fork", "max_branches", "max_depth", "session_id", "request_id", "timeout_s")
+    __slots__ = ("prompt", "messages", "sampling", "max_tokens", "fork", "max_branches", "max_depth", "session_id", "request_id", "timeout_s", "ordered")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class GenerateRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    ORDERED_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     sampling: SamplingParams
@@ -54,7 +55,8 @@ class GenerateRequest(_message.Message):
     session_id: str
     request_id: str
     timeout_s: float
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., fork: _Optional[bool] = ..., max_branches: _Optional[int] = ..., max_depth: _Optional[int] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    ordered: bool
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., fork: _Optional[bool] = ..., max_branches: _Optional[int] = ..., max_depth: _Optional[int] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., ordered: _Optional[bool] = ...) -> None: ...
 
 class Branch(_message.Message):
     __slots__ = ("id", "parent_id", "text", "num_tokens", "finish_reason", "fork_position")
@@ -135,14 +137,16 @@ class BranchEvent(_message.Message):
     def __init__(self, branch_id: _Optional[int] = ..., parent_id: _Optional[int] = ..., delta_text: _Optional[str] = ..., created: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., num_new_tokens: _Optional[int] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("request_id", "events", "final")
+    __slots__ = ("request_id", "events", "final", "ordered_delta")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    ORDERED_DELTA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     events: _containers.RepeatedCompositeFieldContainer[BranchEvent]
     final: GenerateResponse
-    def __init__(self, request_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[BranchEvent, _Mapping]]] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+    ordered_delta: str
+    def __init__(self, request_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[BranchEvent, _Mapping]]] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ..., ordered_delta: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
