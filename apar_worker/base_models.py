@@ -9,6 +9,8 @@ take seconds and never touch the network.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -140,6 +142,18 @@ def verify_prepared(name: str) -> None:
             )
 
 
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """One preparer per cache entry at a time (replicas of one node share the cache)."""
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with open(models_dir() / f".{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_base(name: str, progress: bool = True) -> Path:
     """The prepared directory of a base model, preparing it first (once) if needed."""
     if is_prepared(name):
@@ -150,10 +164,16 @@ def ensure_base(name: str, progress: bool = True) -> Path:
 def prepare(name: str, force: bool = False, progress: bool = True) -> Path:
     """Convert the packaged GGUF into `$APAR_HOME/models/<name>` (atomic: a tmp dir renamed)."""
     base = get_base(name)
-    out = prepared_dir(name)
-    if not force and is_prepared(name):
-        verify_prepared(name)
-        return out
+    with cache_lock(name):
+        out = prepared_dir(name)
+        if not force and is_prepared(name):
+            verify_prepared(name)
+            return out
+        return _prepare_locked(base, out, progress)
+
+
+def _prepare_locked(base: BaseModel, out: Path, progress: bool) -> Path:
+    name = base.name
     src = verify_source(base)
     if progress:
         print(

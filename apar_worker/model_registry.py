@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 
 from apar_worker.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from apar_worker.base_models import BASE_MODELS, PreparationError, ensure_base, models_dir, sha256_file
+from apar_worker.base_models import (
+    BASE_MODELS,
+    PreparationError,
+    cache_lock,
+    ensure_base,
+    models_dir,
+    sha256_file,
+)
 from apar_worker.types import ModelLoadError
 
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -64,8 +71,15 @@ def assemble(adapter_dir: Path, progress: bool = True) -> Path:
         return out
     cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     base = ensure_base(cfg["base"], progress=progress) if cfg["base"] in BASE_MODELS else Path(cfg["base"])
+    with cache_lock(out.name):
+        if (out / ASSEMBLED).is_file() and (out / "config.json").is_file():
+            return out  # another process assembled it while we waited
+        return _assemble_locked(adapter_dir, base, out, cfg["base"], progress)
+
+
+def _assemble_locked(adapter_dir: Path, base: Path, out: Path, base_name: str, progress: bool) -> Path:
     if progress:
-        print(f"apar: assembling {adapter_dir.name} onto {cfg['base']} into {out} (once)", file=sys.stderr)
+        print(f"apar: assembling {adapter_dir.name} onto {base_name} into {out} (once)", file=sys.stderr)
     start = time.monotonic()
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,3 +126,17 @@ def build_assembly(adapter_dir: Path, base: Path, out: Path) -> None:
         "adapter_sha256": sha256_file(adapter_dir / ADAPTER_WEIGHTS),
     }
     (out / ASSEMBLED).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def default_baseline(name: str) -> str:
+    """The sequential baseline a figure compares a model with: an adapter model's own base,
+    a shipped model's `-seq` twin; anything else must name its baseline."""
+    shipped = SHIPPED_MODELS_DIR / name
+    if (shipped / ADAPTER_CONFIG).is_file():
+        return json.loads((shipped / ADAPTER_CONFIG).read_text())["base"]
+    if _is_model_dir(SHIPPED_MODELS_DIR / f"{name}-seq"):
+        return f"{name}-seq"
+    path = Path(name).expanduser()
+    if (path / ADAPTER_CONFIG).is_file():
+        return json.loads((path / ADAPTER_CONFIG).read_text())["base"]
+    raise ModelLoadError(f"no default baseline for {name!r}: name one with --baseline")

@@ -91,3 +91,38 @@ def test_shipped_heldout_prompts_file() -> None:
     assert kinds.count("structured") >= 40 and kinds.count("unstructured") >= 40
     assert len({p.id for p in items}) == len(items)
     assert all(p.tree is not None for p in items if p.kind == "structured")
+
+
+def test_batched_eval_matches_one_at_a_time_and_writes_side_by_side(
+    models: tuple[Path, Path, Path], tmp_path: Path, capsys
+) -> None:
+    apar, seq, prompts = models
+    items = load_prompts(prompts)
+    alone = evaluate(str(apar), str(seq), items, max_tokens=32, progress=False)
+    together = evaluate(str(apar), str(seq), items, max_tokens=32, progress=False, batch=4)
+    for a, b in zip(alone["per_prompt"], together["per_prompt"], strict=True):
+        assert (a["apar_steps"], a["seq_steps"], a["text"]) == (b["apar_steps"], b["seq_steps"], b["text"])
+    for key in ("misfire_rate", "eos_before_budget", "distinct_2"):
+        assert key in together
+    assert 0.0 <= together["misfire_rate"] <= 1.0
+    side = tmp_path / "side.md"
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(apar),
+            "--baseline",
+            str(seq),
+            "--prompts",
+            str(prompts),
+            "--max-tokens",
+            "16",
+            "--batch",
+            "2",
+            "--side-by-side",
+            str(side),
+        ]
+    )
+    assert rc == 0
+    text = side.read_text()
+    assert text.count("## ") == 4 and f"**{seq}**" in text and f"**{apar}**" in text  # 2 + 2 prompts

