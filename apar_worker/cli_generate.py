@@ -95,9 +95,10 @@ class LiveView:
             self.out.flush()
 
 
-def fail(message: str) -> int:
+def fail(message: str, code: int = 2) -> int:
+    """The CLI's one way to fail: one line on stderr, exit code 2 (bad input) unless told."""
     print(f"apar: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def run_local(args: argparse.Namespace) -> int:

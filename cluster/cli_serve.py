@@ -17,21 +17,17 @@ import math
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from apar_worker.cli_generate import fail
 from cluster.config import ConfigError, ServeAppConfig, load_config, to_serve_deploy_dict
 from cluster.loopback import listen_on
+from cluster.redis_url import redact_url
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _fail(message: str) -> int:
-    print(f"apar: error: {message}", file=sys.stderr)
-    return 2
 
 
 def state_file(grpc_port: int) -> Path:
@@ -85,6 +81,9 @@ def register(sub: Any) -> None:
         "--grpc-port", type=int, default=50051, metavar="PORT", help="port of the local `apar serve`"
     )
     s.add_argument("--namespace", default=None, help="Redis key namespace (default: the config's)")
+    s.add_argument(
+        "--request", default=None, metavar="ID", help="also show this request's owner and progress"
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=run_status)
 
@@ -187,14 +186,14 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             resolve_model(cfg.model)
         except ModelLoadError as exc:
-            return _fail(str(exc))
+            return fail(str(exc))
     except ConfigError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.num_cpus is not None and args.num_cpus <= 0:
-        return _fail("--num-cpus must be positive")
+        return fail("--num-cpus must be positive")
     for name, port in (("gRPC", cfg.grpc.port), ("HTTP", cfg.http.port)):
         if not _port_free(port):
-            return _fail(
+            return fail(
                 f"{name} port {port} is already in use (another apar serve?); pick another with --{name.lower()}-port"
             )
 
@@ -212,7 +211,7 @@ def run_serve(args: argparse.Namespace) -> int:
             try:
                 cfg.redis.url = redis_server.start()
             except RedisServerError as exc:
-                return _fail(str(exc))
+                return fail(str(exc))
         print(f"apar serve: redis {cfg.redis.url}" + (" (started)" if redis_server else ""), flush=True)
         _grpc_message_limit(cfg)
         _start_ray(_ray_cpus(cfg, args.num_cpus), args.host)
@@ -240,7 +239,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("apar serve: stopping ...", flush=True)
         return 0
     except Exception as exc:  # deploy failures (e.g. a replica that cannot load the model)
-        return _fail(f"serve failed: {_short_error(exc)}")
+        return fail(f"serve failed: {_short_error(exc)}")
     finally:
         _shutdown(redis_server, state)
 
@@ -301,14 +300,6 @@ def _shutdown(redis_server: Any, state: Path | None) -> None:
         state.unlink(missing_ok=True)
 
 
-def _redact(url: str) -> str:
-    """The URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
-
-
 def run_status(args: argparse.Namespace) -> int:
     from cluster.state import SchedulerState
 
@@ -316,20 +307,23 @@ def run_status(args: argparse.Namespace) -> int:
     if not url:
         path = state_file(args.grpc_port)
         if not path.is_file():
-            return _fail(f"no --redis-url given and no local `apar serve` on gRPC port {args.grpc_port}")
+            return fail(f"no --redis-url given and no local `apar serve` on gRPC port {args.grpc_port}")
         recorded = json.loads(path.read_text())
         url, namespace = recorded["redis_url"], namespace or recorded.get("namespace")
     namespace = namespace or load_config(None).redis.namespace
     try:
         st = SchedulerState(url, namespace)
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     healthy = st.ping()
     loads = (st.replica_loads() or {}) if healthy else {}
+    request = st.request_status(args.request) if healthy and args.request else None
     st.close()
-    shown = _redact(url)
+    shown = redact_url(url)
     if args.json:
         data = {"redis": {"url": shown, "healthy": healthy}, "replicas": [vars(x) for x in loads.values()]}
+        if args.request:
+            data["request"] = request
         print(json.dumps(data))
         return 0 if healthy else 1
     print(f"redis {shown}: {'ok' if healthy else 'UNREACHABLE'}")
@@ -339,4 +333,21 @@ def run_status(args: argparse.Namespace) -> int:
             f"  {rid}  pid {load.pid}  running {load.running_requests}  waiting {load.waiting_requests}  "
             f"branches {load.running_branches}  free KV {load.free_blocks}/{load.total_blocks}"
         )
+    if args.request:
+        print(format_request_status(args.request, request))
     return 0 if healthy else 1
+
+
+def format_request_status(request_id: str, status: dict[str, Any] | None) -> str:
+    """`apar status --request ID`: who owns the request and how far each branch got."""
+    if status is None:
+        return f"request {request_id}: no record (unknown, or finished more than its TTL ago)"
+    owner = f"owned by {status['owner']}" if status["owner"] else "not owned (finished)"
+    lines = [f"request {request_id}: {status['state']} on {status['replica']}, {owner}"]
+    for bid, b in status["branches"].items():
+        parent = "root" if b["parent"] is None else f"child of {b['parent']}"
+        where = ", ".join(b["ran_on"]) or "?"
+        lines.append(
+            f"  branch {bid} ({parent}): {b['tokens']} tokens, {b['finish'] or 'running'}, ran on {where}"
+        )
+    return "\n".join(lines)

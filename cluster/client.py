@@ -14,17 +14,12 @@ import time
 
 import grpc
 
-from apar_worker.cli_generate import LiveView, build_request
+from apar_worker.cli_generate import LiveView, build_request, fail
 from apar_worker.types import AparError, GenerateRequest
 from protos.apar.v1 import apar_pb2 as pb
 from protos.apar.v1 import apar_pb2_grpc as pb_grpc
 
 _USER_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND)
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"apar: error: {message}", file=sys.stderr)
-    return code
 
 
 def to_proto(req: GenerateRequest) -> pb.GenerateRequest:
@@ -105,14 +100,14 @@ def _stream(stub: pb_grpc.AparServiceStub, msg: pb.GenerateRequest) -> pb.Genera
 def run_remote_generate(args: argparse.Namespace) -> int:
     host, sep, port = str(args.server).rpartition(":")
     if not sep or not host or not port.isdigit():
-        return _fail(f"--server must be HOST:PORT, got {args.server!r}")
+        return fail(f"--server must be HOST:PORT, got {args.server!r}")
     live = sys.stderr.isatty() and not args.json
     try:
         req = build_request(args, stream=live)
         req.session_id = getattr(args, "session_id", None)
         req.validate()
     except AparError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     msg = to_proto(req)
     start = time.monotonic()
     with grpc.insecure_channel(f"{host}:{port}") as channel:
@@ -120,14 +115,14 @@ def run_remote_generate(args: argparse.Namespace) -> int:
         try:
             resp = _stream(stub, msg) if live else stub.Generate(msg)
         except KeyboardInterrupt:
-            return _fail("interrupted; request cancelled", 130)
+            return fail("interrupted; request cancelled", 130)
         except grpc.RpcError as exc:
             code, details = exc.code(), (exc.details() or "").replace("\n", " ")
             if code == grpc.StatusCode.UNAVAILABLE:
-                return _fail(f"server {args.server} unavailable: {details}", 1)
-            return _fail(f"{code.name}: {details}", 2 if code in _USER_ERRORS else 1)
+                return fail(f"server {args.server} unavailable: {details}", 1)
+            return fail(f"{code.name}: {details}", 2 if code in _USER_ERRORS else 1)
         except RuntimeError as exc:
-            return _fail(str(exc), 1)
+            return fail(str(exc), 1)
     if args.json:
         print(json.dumps(response_json(resp, time.monotonic() - start), ensure_ascii=False))
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import sys
 import types
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cluster.redis_url import redis_url_problem
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default_config.yaml"
 APP_IMPORT_PATH = "cluster.app:build_app"
@@ -230,8 +233,9 @@ def _positive(cfg: ServeAppConfig) -> None:
             section, name = key.split(".")
             value = getattr(getattr(cfg, section), name)
             raise ConfigError(f"{key}: value {value!r} out of range")
-    if cfg.redis.url is not None and not cfg.redis.url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"redis.url: expected redis://, rediss:// or unix://, got {cfg.redis.url!r}")
+    problem = redis_url_problem(cfg.redis.url) if cfg.redis.url is not None else None
+    if problem:
+        raise ConfigError(f"redis.url: {problem}")
     if cfg.engine.device not in ("auto", "cpu", "cuda") and not cfg.engine.device.startswith("cuda:"):
         raise ConfigError(f"engine.device: expected auto, cpu or cuda[:N], got {cfg.engine.device!r}")
     if cfg.worker.autoscaling_config is not None:
@@ -256,8 +260,19 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def default_config_dict() -> dict[str, Any]:
+    return copy.deepcopy(_default_config())
+
+
+@functools.cache
+def _default_config() -> dict[str, Any]:
     with open(DEFAULT_CONFIG_PATH, encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+def default(section: str, key: str) -> Any:
+    """One value of cluster/default_config.yaml: code defaults (router thresholds, Redis
+    namespace and TTLs) are read from there, so the file and the code never disagree."""
+    return copy.deepcopy(_default_config()[section][key])
 
 
 def load_config_dict(data: dict[str, Any] | None, **overrides: Any) -> ServeAppConfig:

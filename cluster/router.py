@@ -1,4 +1,4 @@
-"""`AparRouter`: Ray Serve RequestRouter for the worker deployment, backed by Redis (DESIGN §6).
+"""`AparRouter`: Ray Serve RequestRouter for the worker deployment, backed by Redis (docs/design.md, "Cluster").
 
 Policy, per request:
   1. replicas without a live heartbeat, or marked dead, are not chosen (unless none has one);
@@ -30,6 +30,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from cluster.config import default
 from cluster.state import (
     PREFIX_CHUNK_CHARS,
     ReplicaLoad,
@@ -47,8 +48,8 @@ log = logging.getLogger("ray.serve")
 class Thresholds:
     """When a replica counts as overloaded (affinity is then ignored for it)."""
 
-    max_waiting: int = 8  # config router.overload_queue_len: more waiting requests than this
-    min_free_kv_fraction: float = 0.1  # config router.overload_min_free_kv_fraction
+    max_waiting: int = default("router", "overload_queue_len")  # more waiting requests than this
+    min_free_kv_fraction: float = default("router", "overload_min_free_kv_fraction")  # or less free KV
 
 
 def _overloaded(load: ReplicaLoad | None, t: Thresholds) -> bool:
@@ -128,8 +129,8 @@ class AparRouter(RequestRouter):
     def initialize_state(  # type: ignore[override]
         self,
         redis: dict[str, Any] | None = None,
-        overload_queue_len: int = 8,
-        overload_min_free_kv_fraction: float = 0.1,
+        overload_queue_len: int = Thresholds.max_waiting,
+        overload_min_free_kv_fraction: float = Thresholds.min_free_kv_fraction,
         prefix_affinity_chars: int = PREFIX_CHUNK_CHARS,
         **_: Any,
     ) -> None:

@@ -1,4 +1,4 @@
-"""Redis key schema and operations of the branch-affine scheduler (DESIGN §6).
+"""Redis key schema and operations of the branch-affine scheduler (docs/design.md, "Cluster").
 
 Every key lives under `apar:{namespace}:` and expires, so a stopped cluster leaves nothing
 behind. Redis holds soft state only: every method tolerates an outage by failing fast (short
@@ -17,93 +17,32 @@ Keys (`P` = `apar:{namespace}:`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from cluster.config import default, default_config_dict
+from cluster.redis_url import redact_url, redis_url_problem
+from cluster.routing_types import (  # noqa: F401  (re-exported: callers import them from here)
+    MAX_PREFIX_CHUNKS,
+    PREFIX_CHUNK_CHARS,
+    ReplicaLoad,
+    RouteInfo,
+    RoutingKeys,
+    canonical_prompt,
+    prefix_hashes,
+    routing_keys,
+)
+
 log = logging.getLogger("apar.state")
 T = TypeVar("T")
-
-PREFIX_CHUNK_CHARS = 256  # default prefix-affinity granularity (config: router.prefix_affinity_chars)
-MAX_PREFIX_CHUNKS = 64  # longer prompts are matched on their first 64 chunks
-
-
-@dataclass
-class ReplicaLoad:
-    """What a replica publishes on every heartbeat."""
-
-    replica_id: str
-    pid: int
-    node_id: str = ""
-    running_requests: int = 0
-    waiting_requests: int = 0
-    running_branches: int = 0
-    free_blocks: int = 0
-    total_blocks: int = 0
-    inflight: int = 0  # requests accepted by the replica and not finished (its own count)
-    ts: float = field(default_factory=time.time)
-
-    @property
-    def free_kv_fraction(self) -> float:
-        return self.free_blocks / self.total_blocks if self.total_blocks else 1.0
-
-    @property
-    def queue_len(self) -> int:
-        return max(self.inflight, self.running_requests + self.waiting_requests)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> ReplicaLoad:
-        data = json.loads(raw)
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass
-class RouteInfo:
-    """Everything the router needs for one request, read in one round trip."""
-
-    owner: str | None = None
-    session_replica: str | None = None
-    prefix_replica: str | None = None
-    prefix_chunks: int = 0  # how many prefix chunks of the prompt matched
-    loads: dict[str, ReplicaLoad] = field(default_factory=dict)  # live heartbeats only
-    dead: set[str] = field(default_factory=set)
-
-
-def canonical_prompt(
-    prompt: str | None, messages: Sequence[dict[str, Any]] | None, token_ids: Sequence[int] | None
-) -> str:
-    """A text whose prefixes match when prompts share a prefix (turn 2 extends turn 1)."""
-    if messages is not None:
-        return "".join(f"{m.get('role', '')}\x1f{m.get('content', '')}\x1e" for m in messages)
-    if token_ids is not None:
-        return "".join(f"{int(t)}," for t in token_ids)
-    return prompt or ""
-
-
-def prefix_hashes(text: str, chunk_chars: int = PREFIX_CHUNK_CHARS) -> list[str]:
-    """Hashes of the prompt's prefixes at every `chunk_chars` boundary, shortest first.
-
-    Chained, so the longest prefix two prompts share is found with one MGET.
-    """
-    h = hashlib.blake2b(digest_size=12)
-    out: list[str] = []
-    n = min(len(text) // chunk_chars, MAX_PREFIX_CHUNKS)
-    for i in range(n):
-        h.update(text[i * chunk_chars : (i + 1) * chunk_chars].encode("utf-8", "surrogatepass"))
-        out.append(h.copy().hexdigest())
-    return out
 
 
 _METRIC: Any = None
@@ -142,17 +81,18 @@ class SchedulerState:
     def __init__(
         self,
         url: str,
-        namespace: str = "default",
+        namespace: str = default("redis", "namespace"),
         *,
         socket_timeout_s: float = 0.25,
         retry_after_s: float = 0.5,
-        heartbeat_ttl_s: float = 3.0,
-        request_ttl_s: float = 600.0,
+        heartbeat_ttl_s: float = default("redis", "heartbeat_ttl_s"),
+        request_ttl_s: float = default("redis", "progress_ttl_s"),
         finished_ttl_s: float = 120.0,
-        affinity_ttl_s: float = 1800.0,
+        affinity_ttl_s: float = default("redis", "affinity_ttl_s"),
     ):
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis url must start with redis://, rediss:// or unix://, got {url!r}")
+        problem = redis_url_problem(url)
+        if problem:
+            raise ValueError(f"redis url: {problem}")
         self.url = url
         self.namespace = namespace
         self.prefix = f"apar:{namespace}:"
@@ -208,6 +148,10 @@ class SchedulerState:
                     self._down_since = None
         return result
 
+    def retry_now(self) -> None:
+        """Skip the rest of the outage back-off: the next call tries Redis at once."""
+        self._next_try = 0.0
+
     def _count_error(self) -> None:
         self.errors += 1
         try:
@@ -218,10 +162,7 @@ class SchedulerState:
             pass
 
     def _safe_url(self) -> str:
-        if "@" not in self.url:
-            return self.url
-        scheme, rest = self.url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return redact_url(self.url)
 
     def k(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}:{name}"
@@ -406,6 +347,29 @@ class SchedulerState:
 
         return self._call(op, None)
 
+    def request_status(self, request_id: str) -> dict[str, Any] | None:
+        """Owner, progress and where each branch ran, as `apar status --request` shows them."""
+        prog = self.progress(request_id)
+        if prog is None:
+            return None
+        ran = self.ran_on(request_id) or {}
+        branches = {
+            bid: {
+                "parent": b.get("parent"),
+                "tokens": b.get("num_tokens", len(b.get("tokens", []))),
+                "finish": b.get("finish"),
+                "ran_on": sorted(ran.get(bid, ())),
+            }
+            for bid, b in sorted(prog["tree"].items(), key=lambda kv: int(kv[0]))
+        }
+        return {
+            "request_id": request_id,
+            "owner": self.owner(request_id),
+            "replica": prog.get("replica"),
+            "state": prog.get("state"),
+            "branches": branches,
+        }
+
     def session_replica(self, session_id: str) -> str | None:
         return _decode(self._call(lambda r: r.get(self.k("session", session_id)), None))
 
@@ -423,54 +387,19 @@ class SchedulerState:
         return self._call(op, 0)
 
 
-@dataclass
-class RoutingKeys:
-    """The fields of a request that routing looks at."""
-
-    request_id: str | None = None
-    session_id: str | None = None
-    prefix_hashes: list[str] = field(default_factory=list)
-
-
-def routing_keys(obj: Any, chunk_chars: int = PREFIX_CHUNK_CHARS) -> RoutingKeys | None:
-    """Routing keys of a call argument: a GenerateRequest, a dict or any object with the fields.
-
-    Reads `request_id`, `session_id` and either `prefix_hashes` (precomputed) or the prompt
-    (`prompt` / `messages` / `prompt_token_ids`). None when the object carries none of them.
-    """
-
-    def get(name: str) -> Any:
-        return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-
-    rid, sid = get("request_id"), get("session_id")
-    hashes = get("prefix_hashes")
-    if hashes is None:
-        prompt, messages, ids = get("prompt"), get("messages"), get("prompt_token_ids")
-        hashes = (
-            prefix_hashes(canonical_prompt(prompt, messages, ids), chunk_chars)
-            if (prompt or messages or ids)
-            else []
-        )
-    if rid is None and sid is None and not hashes:
-        return None
-    return RoutingKeys(
-        request_id=str(rid) if rid else None, session_id=str(sid) if sid else None, prefix_hashes=list(hashes)
-    )
-
-
 def state_from_config(redis_section: dict[str, Any] | None, **kwargs: Any) -> SchedulerState | None:
     """SchedulerState from the config's `redis:` section (url None: $APAR_REDIS_URL); None if no URL."""
     import os
 
-    section = redis_section or {}
-    url = section.get("url") or os.environ.get("APAR_REDIS_URL")
+    section = {**default_config_dict()["redis"], **(redis_section or {})}
+    url = section["url"] or os.environ.get("APAR_REDIS_URL")
     if not url:
         return None
     return SchedulerState(
         url,
-        section.get("namespace", "default"),
-        heartbeat_ttl_s=float(section.get("heartbeat_ttl_s", 3.0)),
-        request_ttl_s=float(section.get("progress_ttl_s", 600.0)),
-        affinity_ttl_s=float(section.get("affinity_ttl_s", 1800.0)),
+        section["namespace"],
+        heartbeat_ttl_s=float(section["heartbeat_ttl_s"]),
+        request_ttl_s=float(section["progress_ttl_s"]),
+        affinity_ttl_s=float(section["affinity_ttl_s"]),
         **kwargs,
     )
