@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from redis_fixtures import server, state  # noqa: F401  (fixtures of the cluster-state tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The model the cluster tests serve; acceptance runs use the shipped one.
