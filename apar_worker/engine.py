@@ -23,6 +23,7 @@ from apar_worker.kv_cache import BlockPool, KVCache
 from apar_worker.kv_manager import KVManager
 from apar_worker.model_runner import (
     ModelRunner,
+    ModelShape,
     load_model_and_tokenizer,
     model_shape,
     parse_dtype,
@@ -83,12 +84,7 @@ class Engine:
         self.vocab_size = shape.vocab_size
         self.max_model_len = min(config.max_model_len or shape.max_model_len, shape.max_model_len)
         param = next(model.parameters())
-        num_blocks = config.num_blocks
-        if num_blocks is None:
-            per_block = KVCache.bytes_per_block(
-                shape.num_layers, config.block_size, shape.num_kv_heads, shape.head_dim, param.dtype
-            )
-            num_blocks = max(4, config.kv_cache_memory_mb * 2**20 // per_block)
+        num_blocks = config.num_blocks or self._blocks_in_budget(config, shape, param.dtype)
         self.kv = KVManager(num_blocks, config.block_size, config.enable_prefix_caching)
         kv_cache = KVCache(
             shape.num_layers,
@@ -116,6 +112,14 @@ class Engine:
         self.num_steps = 0
         self.generated_tokens = 0
         self.last_step_attended_tokens = 0
+
+    @staticmethod
+    def _blocks_in_budget(config: EngineConfig, shape: ModelShape, dtype: torch.dtype) -> int:
+        """How many KV blocks fit in `kv_cache_memory_mb` (at least 4)."""
+        per_block = KVCache.bytes_per_block(
+            shape.num_layers, config.block_size, shape.num_kv_heads, shape.head_dim, dtype
+        )
+        return max(4, config.kv_cache_memory_mb * 2**20 // per_block)
 
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig | None = None, **kw) -> Engine:

@@ -177,7 +177,8 @@ def _deploy(cfg: ServeAppConfig) -> None:
     serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"], blocking=False)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def _checked_config(args: argparse.Namespace) -> ServeAppConfig | str:
+    """The config `apar serve` runs with, or why it cannot start (model, flags, ports)."""
     try:
         cfg = _load(args)
         from apar_worker.model_registry import resolve_model
@@ -186,17 +187,21 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             resolve_model(cfg.model)
         except ModelLoadError as exc:
-            return fail(str(exc))
+            return str(exc)
     except ConfigError as exc:
-        return fail(str(exc))
+        return str(exc)
     if args.num_cpus is not None and args.num_cpus <= 0:
-        return fail("--num-cpus must be positive")
+        return "--num-cpus must be positive"
     for name, port in (("gRPC", cfg.grpc.port), ("HTTP", cfg.http.port)):
         if not _port_free(port):
-            return fail(
-                f"{name} port {port} is already in use (another apar serve?); pick another with --{name.lower()}-port"
-            )
+            return f"{name} port {port} is already in use (another apar serve?); pick another with --{name.lower()}-port"
+    return cfg
 
+
+def run_serve(args: argparse.Namespace) -> int:
+    cfg = _checked_config(args)
+    if isinstance(cfg, str):
+        return fail(cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -108,6 +108,8 @@ class AparIngress:
         A replica that dies mid-request is marked dead and the request is replayed on another
         one; `cluster.resume` forwards only the events the client has not seen yet.
         """
+        # Over 50 lines on purpose: one try maps every failure of the stream to exactly one
+        # gRPC status, and its finally always releases the in-flight entry.
         rid = req.request_id
         if rid in self._inflight:
             raise GrpcError(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in flight")

@@ -20,6 +20,7 @@ class WorkerMetrics:
     """All metrics of one worker replica; tags carry the replica id and the model."""
 
     def __init__(self, replica_id: str, model: str):
+        # Over 50 lines on purpose: the declaration of every metric, one after the other.
         keys = ("replica", "model")
         self._tags = {"replica": replica_id, "model": model}
         self.requests = Counter(

@@ -261,11 +261,8 @@ class SchedulerState:
         def op(r: redis.Redis) -> bool:
             p = r.pipeline(transaction=False)
             p.set(self.k("owner", request_id), replica_id, ex=self.request_ttl_s)
-            p.hset(
-                self.k("progress", request_id),
-                mapping={"replica": replica_id, "state": "running", "tree": "{}", "updated": time.time()},
-            )
-            p.expire(self.k("progress", request_id), self.request_ttl_s)
+            fields = {"state": "running", "tree": "{}"}
+            self._queue_progress(p, request_id, replica_id, fields, set(), self.request_ttl_s)
             if session_id:
                 p.set(self.k("session", session_id), replica_id, ex=self.affinity_ttl_s)
             for h in hashes:
@@ -281,12 +278,8 @@ class SchedulerState:
         def op(r: redis.Redis) -> bool:
             p = r.pipeline(transaction=False)
             for rid, (replica_id, tree, ran) in updates.items():
-                pk = self.k("progress", rid)
-                p.hset(pk, mapping={"replica": replica_id, "tree": json.dumps(tree), "updated": time.time()})
-                p.expire(pk, self.request_ttl_s)
-                if ran:
-                    p.sadd(self.k("ran", rid), *sorted(ran))
-                    p.expire(self.k("ran", rid), self.request_ttl_s)
+                fields = {"tree": json.dumps(tree)}
+                self._queue_progress(p, rid, replica_id, fields, ran, self.request_ttl_s)
             p.execute()
             return True
 
@@ -299,25 +292,24 @@ class SchedulerState:
 
         def op(r: redis.Redis) -> bool:
             p = r.pipeline(transaction=False)
-            pk = self.k("progress", request_id)
-            p.hset(
-                pk,
-                mapping={
-                    "replica": replica_id,
-                    "state": state,
-                    "tree": json.dumps(tree),
-                    "updated": time.time(),
-                },
-            )
-            p.expire(pk, self.finished_ttl_s)
-            if ran:
-                p.sadd(self.k("ran", request_id), *sorted(ran))
-            p.expire(self.k("ran", request_id), self.finished_ttl_s)
+            fields = {"state": state, "tree": json.dumps(tree)}
+            self._queue_progress(p, request_id, replica_id, fields, ran, self.finished_ttl_s)
             p.delete(self.k("owner", request_id))
             p.execute()
             return True
 
         return self._call(op, False)
+
+    def _queue_progress(
+        self, p: Any, rid: str, replica_id: str, fields: dict[str, str], ran: set[str], ttl_s: int
+    ) -> None:
+        """Queue on pipeline `p` one write of the progress hash and the ran set, both expiring."""
+        pk = self.k("progress", rid)
+        p.hset(pk, mapping={"replica": replica_id, **fields, "updated": time.time()})
+        p.expire(pk, ttl_s)
+        if ran:
+            p.sadd(self.k("ran", rid), *sorted(ran))
+        p.expire(self.k("ran", rid), ttl_s)
 
     def owner(self, request_id: str) -> str | None:
         return _decode(self._call(lambda r: r.get(self.k("owner", request_id)), None))
