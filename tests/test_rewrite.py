@@ -1,4 +1,4 @@
-"""Rewrite rules (DESIGN §5) on hand-written answers, and the round trip on the held-out split."""
+"""Rewrite rules (docs/design.md, "Training data") on hand-written answers, and the round trip on the held-out split."""
 
 from __future__ import annotations
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-FORK = "[Fork]"
-CHILD = "[Child]"
+from apar_worker.types import FORK_TOKEN as FORK
 
 _ITEM_START = re.compile(r"^(\d{1,2})\. ", re.MULTILINE)
 _ANY_NUMBERED = re.compile(r"^\s*\d{1,3}[.)] ", re.MULTILINE)

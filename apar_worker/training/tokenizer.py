@@ -14,9 +14,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from apar_worker.chat import neutralize
+from apar_worker.types import CHILD_TOKEN as CHILD
+from apar_worker.types import FORK_TOKEN as FORK
 
-FORK = "[Fork]"
-CHILD = "[Child]"
 EOS = "<|end|>"
 PAD = "<|pad|>"
 USER = "<|user|>"

@@ -20,6 +20,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from apar_worker.model_runner import pick_device
 from apar_worker.training.data import DataConfig, Item, build, load_items, tree_from_dict
 from apar_worker.training.examples import (
     IGNORE,
@@ -269,12 +270,6 @@ def loss_sum(
     hidden = model.base_model(input_ids=inp).last_hidden_state[:, :-1]
     target = lab[:, 1:]
     return weighted_loss(model, hidden, target, t), int((target != IGNORE).sum())
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
