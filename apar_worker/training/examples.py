@@ -1,6 +1,6 @@
 """Turn an answer tree into training examples whose visibility equals decoding visibility.
 
-One example per branch (DESIGN §5): a child sees the prompt, its ancestors' tokens through
+One example per branch (docs/design.md, "Training data"): a child sees the prompt, its ancestors' tokens through
 its own `[Fork]` (earlier titles and forks included, earlier siblings' bodies excluded), then
 `[Child]` at the next position; loss falls only on the branch's own sampled tokens (+ EOS).
 Positions are contiguous, exactly what the engine gives a forked branch. The sequential twin

@@ -1,8 +1,8 @@
-"""Rewrite structured answers into the APAR fork format (DESIGN §5) and assemble them back.
+"""Rewrite structured answers into the APAR fork format (docs/design.md, "Training data") and assemble them back.
 
 A `Tree` is a branch: its text is `segments` with one `[Fork]` between consecutive segments,
 and `children[i]` is the branch forked at the i-th `[Fork]`. Reading order (the engine's
-contract, DESIGN §2) is segments[0], children[0], segments[1], children[1], ..., segments[-1].
+contract, docs/design.md "Decoding contract") is segments[0], children[0], segments[1], children[1], ..., segments[-1].
 """
 
 from __future__ import annotations
