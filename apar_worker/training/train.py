@@ -428,6 +428,7 @@ def run_stage(model, tok, pools, t: TrainConfig, run_dir: Path, name: str, devic
         "stopped_early": stopped_early,
         "final_train_loss": round(sum(history[-20:]) / max(1, len(history[-20:])), 4),
         "tokens_per_s": round(last_tps, 1) if last_tps is not None else None,
+        "minutes": round(elapsed_s / 60, 1),
     }
 
 
