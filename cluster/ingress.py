@@ -7,9 +7,10 @@ never reaches a worker), streams a worker's items back as gRPC messages, maps fi
 gRPC status codes, and retries a request on another replica if its replica dies mid-generation,
 forwarding only the events the client has not seen yet (`cluster.resume`; decoding is
 deterministic: greedy, or seeded by `protocol.to_engine_request`).
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: Ray Serve re-creates the FastAPI route functions
+in its own module, where string annotations (`request: "Request"`) would not resolve.
+"""
 
 import asyncio
 import contextlib
@@ -18,9 +19,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from ray import serve
@@ -38,6 +42,8 @@ from apar_worker.types import (
 )
 from cluster.config import INGRESS_DEPLOYMENT, load_config_dict
 from cluster.grpc_service import BadWireData, RequestTooLarge, client_message, parse
+from cluster.http_routes import http_generate
+from cluster.openai_api import models
 from cluster.protocol import to_engine_request, to_event, to_response
 from cluster.resume import ReplayMismatchError, generate_with_failover
 from cluster.state import state_from_config
@@ -86,9 +92,15 @@ def _set(ctx: RayServegRPCContext, err: GrpcError) -> None:
     ctx.set_details(err.message)
 
 
+http_app = FastAPI(title="APAR Serve", docs_url=None, redoc_url=None)
+LIVE_PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(http_app)
 class AparIngress:
-    """apar.v1.AparService and grpc.health.v1.Health, served through Ray Serve's gRPC proxy."""
+    """apar.v1.AparService and grpc.health.v1.Health through Ray Serve's gRPC proxy, and the
+    OpenAI-compatible HTTP API through its HTTP proxy: one router, failover and metrics."""
 
     def __init__(self, worker: DeploymentHandle, config: dict[str, Any]):
         self.cfg = load_config_dict(config)
@@ -163,15 +175,47 @@ class AparIngress:
         except RequestTooLarge as exc:
             raise GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
 
-    def _request(
-        self, raw: bytes | pb.GenerateRequest, stream: bool
-    ) -> tuple[GenerateRequest, pb.GenerateRequest]:
-        """The validated engine request and the message it came from (timeout_s, ordered)."""
-        request = self._parse(raw, pb.GenerateRequest)
+    def _validated(self, msg: pb.GenerateRequest, stream: bool) -> GenerateRequest:
         try:
-            return to_engine_request(request, self.cfg.limits, stream=stream), request
+            return to_engine_request(msg, self.cfg.limits, stream=stream)
         except InvalidRequestError as exc:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, client_message(exc)) from None
+
+    async def unary(self, msg: pb.GenerateRequest) -> pb.GenerateResponse:
+        """The whole answer of one request; raises GrpcError (shared by gRPC and HTTP)."""
+        req = self._validated(msg, stream=False)
+        async with contextlib.aclosing(self._run(req, msg.timeout_s)) as run:
+            async for replicas, items in run:
+                if isinstance(items[-1], RequestOutput):
+                    err = _status_of(items[-1], req, msg.timeout_s)
+                    if err is not None:
+                        raise err
+                    return to_response(items[-1], replicas)
+        raise GrpcError(grpc.StatusCode.INTERNAL, "no result")
+
+    async def stream(self, msg: pb.GenerateRequest) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """One message per engine step with that step's events, then one with the final answer;
+        with `msg.ordered`, each also carries the reading-order delta. Raises GrpcError."""
+        req = self._validated(msg, stream=True)
+        rid = req.request_id
+        order = ReadingOrder() if msg.ordered else None
+        # aclosing: when the client goes away while this generator is suspended at a
+        # yield, _run is closed now (cancelling the worker call), not at garbage collection.
+        async with contextlib.aclosing(self._run(req, msg.timeout_s)) as run:
+            async for replicas, items in run:
+                evs = [e for e in items if isinstance(e, BranchEvent)]
+                if evs:
+                    delta = "".join(order.feed(e) for e in evs) if order else ""
+                    events = [to_event(e, replicas[-1]) for e in evs]
+                    yield pb.GenerateStreamResponse(request_id=rid, events=events, ordered_delta=delta)
+                if not isinstance(items[-1], RequestOutput):
+                    continue
+                err = _status_of(items[-1], req, msg.timeout_s)
+                if err is not None:
+                    raise err
+                final = to_response(items[-1], replicas)
+                rest = order.finish(final.text) if order else ""
+                yield pb.GenerateStreamResponse(request_id=rid, final=final, ordered_delta=rest)
 
     # -- apar.v1.AparService -------------------------------------------------------------------
     async def Generate(
@@ -179,16 +223,9 @@ class AparIngress:
     ) -> pb.GenerateResponse:
         rid = ""
         try:
-            req, msg = self._request(request, stream=False)
-            rid, timeout_s = req.request_id, msg.timeout_s
-            async with contextlib.aclosing(self._run(req, timeout_s)) as run:
-                async for replicas, items in run:
-                    if isinstance(items[-1], RequestOutput):
-                        err = _status_of(items[-1], req, timeout_s)
-                        if err is not None:
-                            raise err
-                        return to_response(items[-1], replicas)
-            raise GrpcError(grpc.StatusCode.INTERNAL, "no result")
+            msg = self._parse(request, pb.GenerateRequest)
+            rid = msg.request_id
+            return await self.unary(msg)
         except GrpcError as err:
             _set(grpc_context, err)
         except Exception:  # never a traceback to the client: log it, send the request id
@@ -200,29 +237,13 @@ class AparIngress:
     async def GenerateStream(
         self, request: bytes | pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        """One message per engine step with that step's events, then one with the final answer."""
         rid = ""
         try:
-            req, msg = self._request(request, stream=True)
-            rid, timeout_s = req.request_id, msg.timeout_s
-            order = ReadingOrder() if msg.ordered else None
-            # aclosing: when the client goes away while this generator is suspended at a
-            # yield, _run is closed now (cancelling the worker call), not at garbage collection.
-            async with contextlib.aclosing(self._run(req, timeout_s)) as run:
-                async for replicas, items in run:
-                    evs = [e for e in items if isinstance(e, BranchEvent)]
-                    if evs:
-                        delta = "".join(order.feed(e) for e in evs) if order else ""
-                        events = [to_event(e, replicas[-1]) for e in evs]
-                        yield pb.GenerateStreamResponse(request_id=rid, events=events, ordered_delta=delta)
-                    if not isinstance(items[-1], RequestOutput):
-                        continue
-                    err = _status_of(items[-1], req, timeout_s)
-                    if err is not None:
-                        raise err
-                    final = to_response(items[-1], replicas)
-                    rest = order.finish(final.text) if order else ""
-                    yield pb.GenerateStreamResponse(request_id=rid, final=final, ordered_delta=rest)
+            msg = self._parse(request, pb.GenerateRequest)
+            rid = msg.request_id
+            async with contextlib.aclosing(self.stream(msg)) as messages:
+                async for out in messages:
+                    yield out
         except GrpcError as err:
             # A stream carries the context to the proxy only with a message or an exception;
             # raising after set_code makes Ray Serve keep our code and details.
@@ -234,6 +255,29 @@ class AparIngress:
             err = _internal(rid)
             _set(grpc_context, err)
             raise err from None
+
+    # -- OpenAI-compatible HTTP (cluster.http_routes) -------------------------------------------
+    @http_app.get("/")
+    async def http_page(self) -> HTMLResponse:
+        """The live view: type a prompt, watch the branches fill in (uses the HTTP API)."""
+        return HTMLResponse(LIVE_PAGE.read_text(encoding="utf-8"))
+
+    @http_app.get("/v1/models")
+    async def http_models(self) -> JSONResponse:
+        return JSONResponse(models(self.cfg.model))
+
+    @http_app.get("/health")
+    async def http_health(self) -> JSONResponse:
+        ok = await self._health("") == health_pb2.HealthCheckResponse.SERVING
+        return JSONResponse({"status": "ok" if ok else "no worker replica"}, status_code=200 if ok else 503)
+
+    @http_app.post("/v1/chat/completions")
+    async def http_chat(self, request: Request) -> Response:
+        return await http_generate(self, await request.body(), chat=True)
+
+    @http_app.post("/v1/completions")
+    async def http_completions(self, request: Request) -> Response:
+        return await http_generate(self, await request.body(), chat=False)
 
     async def Cancel(
         self, request: bytes | pb.CancelRequest, grpc_context: RayServegRPCContext

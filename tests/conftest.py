@@ -101,6 +101,7 @@ class ServeCluster:
     namespace: str
     model: str
     log_path: Path
+    http_port: int = 0
     app: str = "apar"
     replicas: int = 2
     _state: object = field(default=None, repr=False)
@@ -186,7 +187,13 @@ def apar_cluster(tmp_path_factory) -> ServeCluster:
         redis.close()
         raise
     cluster = ServeCluster(
-        proc=proc, grpc_port=grpc_port, redis=redis, namespace=namespace, model=model, log_path=log_path
+        proc=proc,
+        grpc_port=grpc_port,
+        redis=redis,
+        namespace=namespace,
+        model=model,
+        log_path=log_path,
+        http_port=http_port,
     )
     try:
         cluster.wait_replicas()
