@@ -134,8 +134,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from apar_worker.types import ModelLoadError
 
     try:
+        apar_dir = resolve_model(args.model)  # a missing model is "not found", before any baseline
         args.baseline = args.baseline or default_baseline(args.model)
-        apar_dir, twin_dir = resolve_model(args.model), resolve_model(args.baseline)
+        twin_dir = resolve_model(args.baseline)
     except ModelLoadError as exc:
         raise BenchError(str(exc)) from None
     wanted = set(args.targets) - ({VLLM} if args.no_vllm else set())

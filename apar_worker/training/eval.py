@@ -208,7 +208,7 @@ def _mean(xs: list) -> float:
 
 
 def run_eval_cli(args) -> int:
-    from apar_worker.model_registry import default_baseline
+    from apar_worker.model_registry import default_baseline, resolve_model
     from apar_worker.training.card import write_eval
     from apar_worker.types import ModelLoadError
 
@@ -226,6 +226,7 @@ def run_eval_cli(args) -> int:
             p for p in prompts if p.kind == "unstructured"
         ][: args.limit]
     try:
+        resolve_model(args.model)  # a missing model is "not found", before any baseline
         args.baseline = args.baseline or default_baseline(args.model)
         report = evaluate(
             args.model, args.baseline, prompts, args.max_tokens, True, args.repetition_penalty, args.batch
