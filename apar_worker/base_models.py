@@ -173,18 +173,14 @@ def prepare(name: str, force: bool = False, progress: bool = True) -> Path:
 
 
 def _prepare_locked(base: BaseModel, out: Path, progress: bool) -> Path:
-    name = base.name
     src = verify_source(base)
     if progress:
         print(
-            f"apar: preparing base model {name} from {base.pip_name} into {out} (once, ~30 s)",
+            f"apar: preparing base model {base.name} from {base.pip_name} into {out} (once, ~30 s)",
             file=sys.stderr,
         )
-    start = time.monotonic()
-    tmp = out.with_name(f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def build(tmp: Path) -> None:
         _convert_gguf(src, tmp)
         files = {
             p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
@@ -193,22 +189,35 @@ def _prepare_locked(base: BaseModel, out: Path, progress: bool) -> Path:
         }
         manifest = {
             "format": FORMAT_VERSION,
-            "base": name,
+            "base": base.name,
             "source": str(src),
             "source_sha256": base.sha256,
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return build_atomically(out, build, f"preparing {base.name}", progress)
+
+
+def build_atomically(out: Path, build, what: str, progress: bool) -> Path:
+    """Run build(tmp) in a sibling tmp dir, then rename it to `out`: a crash never leaves a
+    half-written model where a later run would take it for a finished one."""
+    start = time.monotonic()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, PreparationError):
+        if isinstance(exc, ModelLoadError):
             raise
-        raise PreparationError(f"preparing {name} failed: {type(exc).__name__}: {exc}") from exc
+        raise PreparationError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
     if progress:
-        print(f"apar: base model {name} ready ({time.monotonic() - start:.0f} s)", file=sys.stderr)
+        print(f"apar: {out.name} ready ({time.monotonic() - start:.0f} s)", file=sys.stderr)
     return out
 
 

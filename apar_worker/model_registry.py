@@ -8,16 +8,14 @@ into `$APAR_HOME/models/`), and a preparable base (`smollm2-135m-instruct`, see 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from apar_worker.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from apar_worker.base_models import (
     BASE_MODELS,
-    PreparationError,
+    build_atomically,
     cache_lock,
     ensure_base,
     models_dir,
@@ -80,22 +78,9 @@ def assemble(adapter_dir: Path, progress: bool = True) -> Path:
 def _assemble_locked(adapter_dir: Path, base: Path, out: Path, base_name: str, progress: bool) -> Path:
     if progress:
         print(f"apar: assembling {adapter_dir.name} onto {base_name} into {out} (once)", file=sys.stderr)
-    start = time.monotonic()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        build_assembly(adapter_dir, base, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, ModelLoadError):
-            raise
-        raise PreparationError(f"assembling {adapter_dir.name} failed: {type(exc).__name__}: {exc}") from exc
-    if progress:
-        print(f"apar: {adapter_dir.name} ready ({time.monotonic() - start:.0f} s)", file=sys.stderr)
-    return out
+    return build_atomically(
+        out, lambda tmp: build_assembly(adapter_dir, base, tmp), f"assembling {adapter_dir.name}", progress
+    )
 
 
 def build_assembly(adapter_dir: Path, base: Path, out: Path) -> None:
@@ -114,7 +99,7 @@ def build_assembly(adapter_dir: Path, base: Path, out: Path) -> None:
         raise ModelLoadError(f"{adapter_dir}: tokenizer has {len(tok)} tokens, the adapter {cfg.vocab_size}")
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     for extra in ("README.md", "training.json"):
