@@ -48,25 +48,26 @@ def test_evaluate_reports_every_figure(models: tuple[Path, Path, Path]) -> None:
     assert loss["apar"] < math.log(400) and loss["seq"] < math.log(400)  # trained: better than uniform
 
 
+def eval_args(apar: Path, seq: Path, prompts: Path, *extra: str) -> list[str]:
+    """`apar eval` on the two tiny models and prompts, 16 tokens, plus `extra`."""
+    return [
+        "eval",
+        "--model",
+        str(apar),
+        "--baseline",
+        str(seq),
+        "--prompts",
+        str(prompts),
+        "--max-tokens",
+        "16",
+        *extra,
+    ]
+
+
 def test_eval_cli_writes_json_and_cards(models: tuple[Path, Path, Path], tmp_path: Path, capsys) -> None:
     apar, seq, prompts = models
     out = tmp_path / "report.json"
-    rc = main(
-        [
-            "eval",
-            "--model",
-            str(apar),
-            "--baseline",
-            str(seq),
-            "--prompts",
-            str(prompts),
-            "--max-tokens",
-            "16",
-            "--json",
-            str(out),
-            "--update-cards",
-        ]
-    )
+    rc = main(eval_args(apar, seq, prompts, "--json", str(out), "--update-cards"))
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert "fork_rate" in summary and len(json.loads(out.read_text())["per_prompt"]) == 4
@@ -106,23 +107,7 @@ def test_batched_eval_matches_one_at_a_time_and_writes_side_by_side(
         assert key in together
     assert 0.0 <= together["misfire_rate"] <= 1.0
     side = tmp_path / "side.md"
-    rc = main(
-        [
-            "eval",
-            "--model",
-            str(apar),
-            "--baseline",
-            str(seq),
-            "--prompts",
-            str(prompts),
-            "--max-tokens",
-            "16",
-            "--batch",
-            "2",
-            "--side-by-side",
-            str(side),
-        ]
-    )
+    rc = main(eval_args(apar, seq, prompts, "--batch", "2", "--side-by-side", str(side)))
     assert rc == 0
     text = side.read_text()
     assert text.count("## ") == 4 and f"**{seq}**" in text and f"**{apar}**" in text  # 2 + 2 prompts
