@@ -18,7 +18,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "results"
-HELDOUT_PROMPTS = ROOT / "apar_worker" / "training" / "heldout_prompts.jsonl"
+HELDOUT_PROMPTS = ROOT / "apar_train" / "heldout_prompts.jsonl"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 

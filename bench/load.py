@@ -1,8 +1,9 @@
 """`apar bench load`: bounded Poisson load on loopback at several rates, APAR vs the twin vs vLLM.
 
 Each target gets the same arrivals (same seed) with a mix of structured and unstructured held-out
-prompts: APAR on our cluster (gRPC GenerateStream, fork on), the sequential twin on our cluster
-(fork off), and vLLM-CPU serving the twin (OpenAI HTTP API, streamed). Per rate: TTFT, time per
+prompts: APAR on our cluster (gRPC GenerateStream, fork on, and the same cluster through its
+OpenAI HTTP endpoint), the sequential twin on our cluster (fork off), and vLLM-CPU serving the
+twin (OpenAI HTTP API, streamed). Per rate: TTFT, time per
 output token, end-to-end p50/p99, requests/s and output tokens/s. Every run is bounded in request
 count, per-request timeout and time, and targets 127.0.0.1 only.
 """
@@ -32,12 +33,15 @@ from bench.common import (
     write_json,
 )
 from bench.serve_local import LocalServe
-from bench.targets import EngineTarget, GrpcTarget, Result, VllmTarget
+from bench.targets import EngineTarget, GrpcTarget, HttpTarget, Result, VllmTarget
 
 APAR, TWIN, VLLM, ENGINE = "apar", "twin", "twin-vllm", "twin-engine"
+APAR_HTTP, TWIN_HTTP = "apar-http", "twin-http"
 LABELS = {
-    APAR: "APAR, our cluster",
-    TWIN: "twin, our cluster",
+    APAR: "APAR, our cluster (gRPC)",
+    TWIN: "twin, our cluster (gRPC)",
+    APAR_HTTP: "APAR, our cluster (OpenAI HTTP)",
+    TWIN_HTTP: "twin, our cluster (OpenAI HTTP)",
     VLLM: "twin, vLLM-CPU",
     ENGINE: "twin, our engine in-process",
 }
@@ -107,6 +111,26 @@ def run_target(name: str, target, prompts, args) -> list[dict[str, Any]]:
     return rows
 
 
+def run_cluster(
+    names: tuple[str, str], grpc_addr: str, http_addr: str | None, fork: bool, prompts, args
+) -> dict[str, list[dict[str, Any]]]:
+    """The same cluster through gRPC, then through its OpenAI HTTP endpoint (a name "" skips one)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    grpc_name, http_name = names
+    if grpc_name:
+        target = GrpcTarget(grpc_addr, fork=fork, timeout_s=args.timeout, unary=args.unary)
+        try:
+            target(prompts[0], 8)  # warm-up
+            out[grpc_name] = run_target(grpc_name, target, prompts, args)
+        finally:
+            target.close()
+    if http_name and http_addr:
+        http = HttpTarget(http_addr, fork=fork, timeout_s=args.timeout)
+        http(prompts[0], 8)
+        out[http_name] = run_target(http_name, http, prompts, args)
+    return out
+
+
 def serve_config(model: str, args) -> dict[str, Any]:
     """One worker replica on one core: the same footprint as the one vLLM engine process."""
     return {
@@ -124,11 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     notes: list[str] = []
     log_dir = RESULTS_DIR / "tmp"
     if args.server:
-        target = GrpcTarget(args.server, fork=not args.no_fork, timeout_s=args.timeout, unary=args.unary)
-        try:
-            targets[TWIN if args.no_fork else APAR] = run_target(args.server, target, prompts, args)
-        finally:
-            target.close()
+        names = (TWIN, TWIN_HTTP) if args.no_fork else (APAR, APAR_HTTP)
+        targets.update(run_cluster(names, args.server, args.http, not args.no_fork, prompts, args))
         return _result(args, targets, notes)
     from apar_worker.model_registry import default_baseline, resolve_model
     from apar_worker.types import ModelLoadError
@@ -140,17 +161,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except ModelLoadError as exc:
         raise BenchError(str(exc)) from None
     wanted = set(args.targets) - ({VLLM} if args.no_vllm else set())
-    for name, model, fork in ((APAR, apar_dir, True), (TWIN, twin_dir, False)):
-        if name not in wanted:
+    for names, model, fork in (((APAR, APAR_HTTP), apar_dir, True), ((TWIN, TWIN_HTTP), twin_dir, False)):
+        names = tuple(n if n in wanted else "" for n in names)
+        if not any(names):
             continue
         print(f"starting apar serve with {model.name} ...", flush=True)
-        with LocalServe(serve_config(str(model), args), log_dir / f"serve-{name}.log", args.num_cpus) as srv:
-            target = GrpcTarget(srv.address, fork=fork, timeout_s=args.timeout, unary=args.unary)
-            try:
-                target(prompts[0], 8)  # warm-up
-                targets[name] = run_target(name, target, prompts, args)
-            finally:
-                target.close()
+        log = log_dir / f"serve-{names[0] or names[1]}.log"
+        with LocalServe(serve_config(str(model), args), log, args.num_cpus) as srv:
+            targets.update(run_cluster(names, srv.address, srv.http_address, fork, prompts, args))
     if ENGINE in wanted:
         print("twin on our engine in this process (no Ray Serve, no gRPC) ...", flush=True)
         target = EngineTarget(str(twin_dir), fork=False, timeout_s=args.timeout)
@@ -220,7 +238,7 @@ def saturation(targets: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         n: {"out_tok_s": r["out_tok_s"], "req_s": r["req_s"], "rate": r["rate"]} for n, r in best.items()
     }
     if APAR in best:
-        for peer in (TWIN, VLLM):
+        for peer in (TWIN, VLLM, APAR_HTTP):
             if peer in best:
                 out[f"apar_vs_{peer}_tok_s"] = ratio(best[APAR]["out_tok_s"], best[peer]["out_tok_s"])
                 out[f"apar_vs_{peer}_req_s"] = ratio(best[APAR]["req_s"], best[peer]["req_s"])
@@ -300,6 +318,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout")
     p.add_argument("--model", default="apar-smol")
     p.add_argument("--baseline", default=None, help="default: the model's base, or its -seq twin")
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="with --server: also drive its OpenAI HTTP endpoint (loopback)")  # fmt: skip
     p.add_argument("--no-fork", action="store_true", help="with --server: send fork=false")
     p.add_argument(
         "--unary",
@@ -310,9 +330,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--targets",
         type=_targets,
-        default=[APAR, TWIN, VLLM],
+        default=[APAR, APAR_HTTP, TWIN, VLLM],
         metavar="T[,T...]",
-        help=f"with --local, of {','.join(LABELS)} (default apar,twin,twin-vllm; twin-engine is our engine "
+        help=f"with --local, of {','.join(LABELS)} (default apar,apar-http,twin,twin-vllm; the -http "
+        "targets drive the same cluster through /v1/chat/completions; twin-engine is our engine "
         "in-process, the cluster's cost left out)",
     )
     p.add_argument("--max-model-len", type=int, default=1024, help="vLLM context length")
@@ -329,6 +350,10 @@ def main(args: argparse.Namespace) -> int:
         raise BenchError("--max-tokens and --timeout must be positive")
     if args.server:
         check_loopback(args.server)
+    if args.http:
+        if not args.server:
+            raise BenchError("--http goes with --server (with --local the -http targets are in --targets)")
+        check_loopback(args.http)
     result = run(args)
     print()
     print_tables(result)

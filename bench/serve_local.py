@@ -25,11 +25,11 @@ class LocalServe:
     ):
         from cluster.redis_server import free_port
 
-        self.grpc_port, http_port = free_port(), free_port()
+        self.grpc_port, self.http_port = free_port(), free_port()
         self.config = {
             **config,
             "grpc": {"port": self.grpc_port},
-            "http": {"host": "127.0.0.1", "port": http_port},
+            "http": {"host": "127.0.0.1", "port": self.http_port},
         }
         self.log_path, self.num_cpus, self.timeout_s = log_path, num_cpus, timeout_s
         self.proc: subprocess.Popen | None = None
@@ -38,6 +38,10 @@ class LocalServe:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
 
     def __enter__(self) -> LocalServe:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

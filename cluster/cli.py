@@ -14,7 +14,7 @@ import sys
 _SUBCOMMAND_MODULES = [
     "apar_worker.cli_generate",  # apar generate (local; --server is handled by cluster.client)
     "apar_worker.cli_model",  # apar model list | apar model prepare
-    "apar_worker.training.cli",  # apar data build | apar train | apar eval
+    "apar_train.cli",  # apar data build | apar train | apar eval
     "cluster.cli_serve",  # apar serve | apar status
     "bench.cli",  # apar bench speed | apar bench load | apar bench autoscale
 ]

@@ -266,8 +266,17 @@ def default_config_dict() -> dict[str, Any]:
 
 @functools.cache
 def _default_config() -> dict[str, Any]:
+    """cluster/default_config.yaml, with `model` and the engine section from EngineConfig's
+    defaults: the engine's defaults are stated once, in apar_worker/engine.py."""
+    from apar_worker.engine import EngineConfig
+
     with open(DEFAULT_CONFIG_PATH, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        cfg = yaml.safe_load(f)
+    engine = EngineConfig()
+    cfg.setdefault("model", engine.model)
+    keys = [f.name for f in dataclasses.fields(EngineSection)]
+    cfg["engine"] = {**{k: getattr(engine, k) for k in keys}, **(cfg.get("engine") or {})}
+    return cfg
 
 
 def default(section: str, key: str) -> Any:
@@ -370,12 +379,7 @@ def to_serve_deploy_dict(cfg: ServeAppConfig) -> dict[str, Any]:
         "http_options": {"host": cfg.http.host, "port": cfg.http.port},
         "grpc_options": grpc_options,
         "applications": [
-            {
-                "name": cfg.app_name,
-                "route_prefix": "/",
-                "import_path": APP_IMPORT_PATH,
-                "args": cfg.to_dict(),
-            }
+            {"name": cfg.app_name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": cfg.to_dict()}
         ],
     }
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from engine_utils import make_model, make_tokenizer
 
+from apar_train.tokenizer import CHILD, FORK, add_apar_tokens
 from apar_worker.adapters import (
     AdapterConfig,
     LoRALinear,
@@ -20,7 +21,6 @@ from apar_worker.adapters import (
     train_new_rows,
 )
 from apar_worker.model_registry import assemble, build_assembly, resolve_model
-from apar_worker.training.tokenizer import CHILD, FORK, add_apar_tokens
 
 
 def base_pair(tmp_path):

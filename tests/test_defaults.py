@@ -27,11 +27,19 @@ def test_router_and_redis_defaults_are_the_yaml_ones():
     assert router._thresholds == t and router._chunk_chars == PREFIX_CHUNK_CHARS
 
 
-def test_engine_section_mirrors_engine_config():
-    """The YAML's engine section documents EngineConfig's defaults; they must not drift."""
-    yaml_engine = default_config_dict()["engine"]
+def test_engine_defaults_come_from_engine_config():
+    """The cluster's engine section and model are EngineConfig's defaults, not a second copy."""
+    import yaml
+
+    from cluster.config import DEFAULT_CONFIG_PATH, EngineSection, load_config_dict
+
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    assert raw["engine"] == {} and "model" not in raw  # stated once, in apar_worker/engine.py
     engine = dataclasses.asdict(EngineConfig())
-    assert {k: engine[k] for k in yaml_engine} == yaml_engine
+    cfg = load_config_dict(None)
+    assert cfg.model == engine["model"]
+    assert dataclasses.asdict(cfg.engine) == {f.name: engine[f.name] for f in dataclasses.fields(EngineSection)}
+    assert load_config_dict({"engine": {"block_size": 32}}).engine.block_size == 32
 
 
 def test_redis_url_helpers():

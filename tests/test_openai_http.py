@@ -102,3 +102,25 @@ def test_live_page_is_one_self_contained_file(apar_cluster):
         page = r.read().decode()
     assert "/v1/chat/completions" in page and "apar_events" in page
     assert "http://" not in page and "https://" not in page  # no CDN, nothing fetched from elsewhere
+
+
+def test_bench_load_drives_grpc_and_http_of_one_cluster(apar_cluster, client):
+    """`apar bench load --server --http`: both endpoints of the same cluster, same token counts."""
+    from types import SimpleNamespace
+
+    from bench.common import Prompt
+    from bench.load import APAR, APAR_HTTP, run_cluster
+
+    prompts = [Prompt("p0", "structured", PROMPT)]
+    args = SimpleNamespace(
+        timeout=120.0, unary=False, rates=[2.0], duration=3.0, max_requests=2, max_tokens=24
+    )
+    grpc_addr, http_addr = f"127.0.0.1:{apar_cluster.grpc_port}", f"127.0.0.1:{apar_cluster.http_port}"
+    rows = run_cluster((APAR, APAR_HTTP), grpc_addr, http_addr, True, prompts, args)
+    assert set(rows) == {APAR, APAR_HTTP}
+    for name in (APAR, APAR_HTTP):
+        (row,) = rows[name]
+        assert row["failed"] == 0 and row["requests"] >= 1, row
+        assert row["ttft_s"]["p50"] > 0 and row["out_tok_s"] > 0
+    # greedy and the same prompt: both endpoints decode the same number of tokens
+    assert rows[APAR][0]["mean_tokens"] == rows[APAR_HTTP][0]["mean_tokens"]

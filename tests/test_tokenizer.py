@@ -8,7 +8,7 @@ import pytest
 from training_utils import make_data_dir
 from transformers import AutoTokenizer
 
-from apar_worker.training.tokenizer import (
+from apar_train.tokenizer import (
     CHILD,
     EOS,
     FORK,
@@ -74,8 +74,8 @@ def test_chat_template_matches_training_prompt(tok_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def smol_tok():
     """SmolLM2-135M-Instruct's own tokenizer (prepared from the packaged GGUF) + [Fork]/[Child]."""
+    from apar_train.tokenizer import add_apar_tokens
     from apar_worker.base_models import ensure_base
-    from apar_worker.training.tokenizer import add_apar_tokens
 
     tok = AutoTokenizer.from_pretrained(str(ensure_base("smollm2-135m-instruct", progress=False)))
     base_len = len(tok)

@@ -9,8 +9,10 @@ import torch
 from training_utils import make_data_dir, make_items, tiny_run_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from apar_worker.training.data import tree_from_dict
-from apar_worker.training.examples import (
+from apar_train.batches import cut_after_opening, loss_sum, opening_weights, packed_loss_sum
+from apar_train.config import TrainConfig, load_config
+from apar_train.data import tree_from_dict
+from apar_train.examples import (
     IGNORE,
     apar_examples,
     branch_tokens,
@@ -20,17 +22,9 @@ from apar_worker.training.examples import (
     special_ids,
     tree_token_counts,
 )
-from apar_worker.training.rewrite import Tree, assemble
-from apar_worker.training.tokenizer import encode_text, prompt_ids
-from apar_worker.training.train import (
-    TrainConfig,
-    cut_after_opening,
-    load_config,
-    loss_sum,
-    opening_weights,
-    packed_loss_sum,
-    train,
-)
+from apar_train.rewrite import Tree, assemble
+from apar_train.tokenizer import encode_text, prompt_ids
+from apar_train.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -325,8 +319,8 @@ def test_tiny_config_trains_resumes_and_exports(data_dir: Path, tmp_path: Path, 
 
 
 def test_shipped_configs_load_and_twin_matches() -> None:
-    a = load_config(ROOT / "configs" / "apar-tiny.yaml")
-    s = load_config(ROOT / "configs" / "apar-tiny-seq.yaml")
+    a = load_config(ROOT / "apar_train" / "configs" / "apar-tiny.yaml")
+    s = load_config(ROOT / "apar_train" / "configs" / "apar-tiny-seq.yaml")
     assert (a.mode, s.mode) == ("apar", "seq")
     assert a.model == s.model and a.train == s.train and a.data == s.data and a.data_dir == s.data_dir
     assert a.decide is not None and a.decide == s.decide
@@ -340,3 +334,18 @@ def test_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("name: x\nmode: apar\ntrain: {stepz: 3}\n")
     with pytest.raises(ValueError, match="stepz"):
         load_config(bad)
+
+
+def test_train_config_names_resolve_to_shipped_files(tmp_path, capsys) -> None:
+    from apar_train.cli import config_path
+    from cluster.cli import main as apar
+
+    assert config_path("apar-smol") == ROOT / "apar_train" / "configs" / "apar-smol.yaml"
+    assert config_path("apar-tiny.yaml") == ROOT / "apar_train" / "configs" / "apar-tiny.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("model: {}\n")
+    assert config_path(str(own)) == own
+    assert config_path("no-such-config") is None
+    assert apar(["train", "--config", "no-such-config"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-config" in err and "apar-smol" in err and "Traceback" not in err

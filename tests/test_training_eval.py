@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from training_utils import make_data_dir, tiny_run_config
 
-from apar_worker.training.eval import HELDOUT_PROMPTS, evaluate, load_prompts
-from apar_worker.training.train import train
+from apar_train.eval import HELDOUT_PROMPTS, evaluate, load_prompts
+from apar_train.train import train
 from cluster.cli import main
 
 

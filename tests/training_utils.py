@@ -6,10 +6,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from apar_worker.training.data import Item, tree_to_dict
-from apar_worker.training.rewrite import rewrite_list
-from apar_worker.training.tokenizer import save_tokenizer, train_tokenizer
-from apar_worker.training.train import ModelConfig, RunConfig, TrainConfig
+from apar_train.config import ModelConfig, RunConfig, TrainConfig
+from apar_train.data import Item, tree_to_dict
+from apar_train.rewrite import rewrite_list
+from apar_train.tokenizer import save_tokenizer, train_tokenizer
 
 TOPICS = ["health", "travel", "study", "cooking", "saving money", "sleep"]
 

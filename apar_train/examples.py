@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apar_worker.training.rewrite import Tree
-from apar_worker.training.tokenizer import CHILD, FORK, encode_text
+from apar_train.rewrite import Tree
+from apar_train.tokenizer import CHILD, FORK, encode_text
 
 IGNORE = -100
 

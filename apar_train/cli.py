@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from apar_worker.cli_generate import fail as _fail
 
-def _fail(msg: str) -> int:
-    print(f"apar: error: {msg}", file=sys.stderr)
-    return 2
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def config_path(name: str) -> Path | None:
+    """A YAML file, or the name of a shipped config (`apar-smol` -> apar_train/configs/apar-smol.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = CONFIGS / f"{name.removesuffix('.yaml')}.yaml"
+    return shipped if shipped.is_file() else None
 
 
 def _data_build(args: argparse.Namespace) -> int:
-    from apar_worker.training.data import DataConfig, build
+    from apar_train.data import DataConfig, build
 
     cfg = DataConfig(seed=args.seed, paragraphs=args.paragraphs, cue_filter=not args.no_cue_filter)
     if args.max_answer_chars is not None:
@@ -28,17 +35,19 @@ def _data_build(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from apar_worker.training.train import load_config, train
+    from apar_train.config import load_config
+    from apar_train.train import train
 
-    path = Path(args.config)
-    if not path.is_file():
-        return _fail(f"config file {args.config!r} not found")
+    path = config_path(args.config)
+    if path is None:
+        shipped = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+        return _fail(f"config {args.config!r} is neither a file nor a shipped config ({shipped})")
     try:
         cfg = load_config(path)
     except ValueError as exc:
         return _fail(str(exc))
     if args.export_step is not None:
-        from apar_worker.training.train import export_snapshot
+        from apar_train.train import export_snapshot
 
         try:
             out = export_snapshot(cfg, args.export_step)
@@ -54,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from apar_worker.training.eval import run_eval_cli
+    from apar_train.eval import run_eval_cli
 
     return run_eval_cli(args)
 
@@ -72,7 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_data_build)
 
     t = subparsers.add_parser("train", help="train an APAR model or its sequential twin from a YAML config")
-    t.add_argument("--config", required=True, help="YAML config, e.g. configs/apar-tiny.yaml")
+    t.add_argument(
+        "--config",
+        required=True,
+        help="YAML file, or a shipped config's name (apar-smol, apar-tiny, apar-tiny-seq)",
+    )
     t.add_argument("--steps", type=int, default=None, help="override the config's step count")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--export-step", type=int, default=None, help="only export the snapshot of this step")

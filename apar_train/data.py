@@ -16,14 +16,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from apar_worker.training.rewrite import (
+from apar_train.rewrite import (
     Tree,
     assemble,
     has_numbered_list,
     rewrite_list,
     rewrite_paragraphs,
 )
-from apar_worker.training.sharegpt import dataset_file, is_english, iter_records
+from apar_train.sharegpt import dataset_file, is_english, iter_records
 
 LIST_CUE = re.compile(
     r"\b(tips|ways|list|steps|ideas|examples|reasons|benefits|strategies|suggest\w*|top \d+|"
@@ -112,7 +112,7 @@ def iter_items(cfg: DataConfig, path: Path | None = None) -> Iterator[Item]:
 
 def build(out_dir: Path, cfg: DataConfig, path: Path | None = None) -> dict:
     """Write train.jsonl / heldout.jsonl / tokenizer/ under out_dir and return the stats."""
-    from apar_worker.training.tokenizer import save_tokenizer, train_tokenizer
+    from apar_train.tokenizer import save_tokenizer, train_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     train, held = [], []
@@ -142,7 +142,7 @@ def load_items(path: Path) -> list[Item]:
 
 
 def compute_stats(train: list[Item], held: list[Item], tok) -> dict:
-    from apar_worker.training.examples import tree_token_counts
+    from apar_train.examples import tree_token_counts
 
     def n_struct(items: list[Item]) -> int:
         return sum(it.kind == "structured" for it in items)

