@@ -15,7 +15,8 @@ _SUBCOMMAND_MODULES = [
     "apar_worker.cli_generate",  # apar generate (local; --server is handled by cluster.client)
     "apar_worker.cli_model",  # apar model list | apar model prepare
     "apar_train.cli",  # apar data build | apar train | apar eval
-    "cluster.cli_serve",  # apar serve | apar status
+    "cluster.cli_serve",  # apar serve
+    "cluster.cli_status",  # apar status
     "bench.cli",  # apar bench speed | apar bench load | apar bench autoscale
 ]
 

@@ -1,4 +1,4 @@
-"""`apar serve` (local Ray + Redis + the APAR application) and `apar status`.
+"""`apar serve`: local Ray + Redis + the APAR application (`apar status` is cluster/cli_status.py).
 
 `apar serve` starts everything in this process's care and tears it down on Ctrl-C/SIGTERM:
 a redis-server (unless --redis-url/$APAR_REDIS_URL names one), a local Ray instance sized for a
@@ -11,10 +11,10 @@ default, Ray's own ports included (cluster/loopback.py). It writes a small state
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -26,14 +26,11 @@ from apar_worker.cli_generate import fail
 from cluster.config import ConfigError, ServeAppConfig, load_config, to_serve_deploy_dict
 from cluster.loopback import listen_on
 from cluster.redis_url import redact_url
+from cluster.supervisor import Supervisor, state_file, write_private
+
+__all__ = ["register", "run_serve", "state_file"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def state_file(grpc_port: int) -> Path:
-    """Where `apar serve` on `grpc_port` records its Redis URL and pid for `apar status`."""
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache")
-    return base / "apar" / f"serve-{grpc_port}.json"
 
 
 def register(sub: Any) -> None:
@@ -72,20 +69,6 @@ def register(sub: Any) -> None:
         help="logical CPUs of the local Ray (default: all, at least what the replicas need)",
     )
     p.set_defaults(func=run_serve)
-
-    s = sub.add_parser("status", help="show worker replicas, their load and Redis health")
-    s.add_argument(
-        "--redis-url", default=None, metavar="URL", help="default: $APAR_REDIS_URL or the local `apar serve`"
-    )
-    s.add_argument(
-        "--grpc-port", type=int, default=50051, metavar="PORT", help="port of the local `apar serve`"
-    )
-    s.add_argument("--namespace", default=None, help="Redis key namespace (default: the config's)")
-    s.add_argument(
-        "--request", default=None, metavar="ID", help="also show this request's owner and progress"
-    )
-    s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(func=run_status)
 
 
 def _load(args: argparse.Namespace) -> ServeAppConfig:
@@ -210,14 +193,20 @@ def run_serve(args: argparse.Namespace) -> int:
 
     redis_server = None
     state = None
+    supervisor = None
     try:
         if cfg.redis.url is None:
-            redis_server = RedisServer()
+            # A password per run: any local process could otherwise read or forge routing keys.
+            redis_server = RedisServer(password=secrets.token_hex(16))
             try:
                 cfg.redis.url = redis_server.start()
             except RedisServerError as exc:
                 return fail(str(exc))
-        print(f"apar serve: redis {cfg.redis.url}" + (" (started)" if redis_server else ""), flush=True)
+        shown = redact_url(cfg.redis.url)
+        print(
+            f"apar serve: redis {shown}" + (" (started) with a per-run password" if redis_server else ""),
+            flush=True,
+        )
         _grpc_message_limit(cfg)
         _start_ray(_ray_cpus(cfg, args.num_cpus), args.host)
         if stop.is_set():
@@ -229,9 +218,10 @@ def run_serve(args: argparse.Namespace) -> int:
             return 0
         metrics_url = _metrics_url()
         state = state_file(cfg.grpc.port)
-        state.parent.mkdir(parents=True, exist_ok=True)
         record = {"pid": os.getpid(), "redis_url": cfg.redis.url, "namespace": cfg.redis.namespace}
-        state.write_text(json.dumps({**record, "metrics_url": metrics_url}))
+        write_private(state, {**record, "metrics_url": metrics_url})
+        supervisor = Supervisor(redis_server, state, {**record, "metrics_url": metrics_url}, cfg.app_name,
+                                log=lambda line: print(line, flush=True))  # fmt: skip
         print(f"apar serve: Prometheus metrics at {metrics_url}", flush=True)
         print(
             f"apar serve: listening on grpc {_hostport(args.host, cfg.grpc.port)} "
@@ -240,12 +230,14 @@ def run_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
         while not stop.wait(0.5):
-            pass
+            supervisor.tick()
         print("apar serve: stopping ...", flush=True)
         return 0
     except Exception as exc:  # deploy failures (e.g. a replica that cannot load the model)
         return fail(f"serve failed: {_short_error(exc)}")
     finally:
+        if supervisor is not None:
+            supervisor.close()
         _shutdown(redis_server, state)
 
 
@@ -303,56 +295,3 @@ def _shutdown(redis_server: Any, state: Path | None) -> None:
         redis_server.close()
     if state is not None:
         state.unlink(missing_ok=True)
-
-
-def run_status(args: argparse.Namespace) -> int:
-    from cluster.state import SchedulerState
-
-    url, namespace = args.redis_url or os.environ.get("APAR_REDIS_URL"), args.namespace
-    if not url:
-        path = state_file(args.grpc_port)
-        if not path.is_file():
-            return fail(f"no --redis-url given and no local `apar serve` on gRPC port {args.grpc_port}")
-        recorded = json.loads(path.read_text())
-        url, namespace = recorded["redis_url"], namespace or recorded.get("namespace")
-    namespace = namespace or load_config(None).redis.namespace
-    try:
-        st = SchedulerState(url, namespace)
-    except ValueError as exc:
-        return fail(str(exc))
-    healthy = st.ping()
-    loads = (st.replica_loads() or {}) if healthy else {}
-    request = st.request_status(args.request) if healthy and args.request else None
-    st.close()
-    shown = redact_url(url)
-    if args.json:
-        data = {"redis": {"url": shown, "healthy": healthy}, "replicas": [vars(x) for x in loads.values()]}
-        if args.request:
-            data["request"] = request
-        print(json.dumps(data))
-        return 0 if healthy else 1
-    print(f"redis {shown}: {'ok' if healthy else 'UNREACHABLE'}")
-    print(f"{len(loads)} worker replica(s)")
-    for rid, load in sorted(loads.items()):
-        print(
-            f"  {rid}  pid {load.pid}  running {load.running_requests}  waiting {load.waiting_requests}  "
-            f"branches {load.running_branches}  free KV {load.free_blocks}/{load.total_blocks}"
-        )
-    if args.request:
-        print(format_request_status(args.request, request))
-    return 0 if healthy else 1
-
-
-def format_request_status(request_id: str, status: dict[str, Any] | None) -> str:
-    """`apar status --request ID`: who owns the request and how far each branch got."""
-    if status is None:
-        return f"request {request_id}: no record (unknown, or finished more than its TTL ago)"
-    owner = f"owned by {status['owner']}" if status["owner"] else "not owned (finished)"
-    lines = [f"request {request_id}: {status['state']} on {status['replica']}, {owner}"]
-    for bid, b in status["branches"].items():
-        parent = "root" if b["parent"] is None else f"child of {b['parent']}"
-        where = ", ".join(b["ran_on"]) or "?"
-        lines.append(
-            f"  branch {bid} ({parent}): {b['tokens']} tokens, {b['finish'] or 'running'}, ran on {where}"
-        )
-    return "\n".join(lines)

@@ -11,10 +11,13 @@ import json
 import os
 import pty
 import select
+import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis
@@ -121,6 +124,7 @@ def test_serve_generate_ctrl_c(tmp_path):
         status = _apar("status", "--grpc-port", str(grpc_port))
         assert status.returncode == 0, status.stderr
         assert ": ok" in status.stdout and "1 worker replica(s)" in status.stdout
+        _check_redis_is_private_and_supervised(grpc_port, redis_url, tmp_path / "serve.log")
     finally:
         started = time.monotonic()
         rc = stop_serve(proc)
@@ -133,6 +137,61 @@ def test_serve_generate_ctrl_c(tmp_path):
     assert not state_file(grpc_port).exists()
     down = _apar("generate", "--server", f"127.0.0.1:{grpc_port}", "--prompt", "Hello!")
     assert down.returncode == 1 and "unavailable" in down.stderr
+
+
+def _redis_pid(port: int) -> int:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes()
+        except OSError:
+            continue
+        # redis-server retitles itself "redis-server 127.0.0.1:PORT"
+        if b"redis-server" in text and f"127.0.0.1:{port}".encode() in text:
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no redis-server on port {port}")
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"not within {timeout_s}s: {what}")
+
+
+def _check_redis_is_private_and_supervised(grpc_port: int, redis_url: str, log: Path) -> None:
+    """Issue 18 #6 and #8: a password per run in a 0600 file; a dead or hung Redis is restarted,
+    and `apar status` reads the replicas from Ray while Redis is down."""
+    path = state_file(grpc_port)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    assert "@" in redis_url, "the embedded Redis has a password"
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).get("apar:anything")
+    assert redis_url.split("@")[0].split(":")[-1] not in log.read_text(), "the password is never logged"
+
+    os.kill(_redis_pid(port), signal.SIGKILL)
+    _wait(lambda: "redis-server exited; restarted" in log.read_text(), 20, "restart after SIGKILL")
+    _wait(lambda: _apar("status", "--grpc-port", str(grpc_port)).stdout.count(": ok") == 1, 30, "status ok")
+
+    hung = _redis_pid(port)
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        down = _apar("status", "--grpc-port", str(grpc_port))
+        assert "UNREACHABLE" in down.stdout and "1 worker replica(s) running, from Ray" in down.stdout, (
+            down.stdout
+        )
+        assert down.returncode == 0, "the cluster is serving: status must not say it is dead"
+        _wait(lambda: "answered no PING" in log.read_text(), 30, "restart of a hung redis-server")
+    finally:
+        try:
+            os.kill(hung, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    out = _apar("generate", "--server", f"127.0.0.1:{grpc_port}", "--prompt", "Hello!", "--max-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    _wait(lambda: ": ok" in _apar("status", "--grpc-port", str(grpc_port)).stdout, 30, "status ok again")
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,9 @@ def test_engine_defaults_come_from_engine_config():
     engine = dataclasses.asdict(EngineConfig())
     cfg = load_config_dict(None)
     assert cfg.model == engine["model"]
-    assert dataclasses.asdict(cfg.engine) == {f.name: engine[f.name] for f in dataclasses.fields(EngineSection)}
+    assert dataclasses.asdict(cfg.engine) == {
+        f.name: engine[f.name] for f in dataclasses.fields(EngineSection)
+    }
     assert load_config_dict({"engine": {"block_size": 32}}).engine.block_size == 32
 
 

@@ -235,7 +235,7 @@ def test_rediss_url_over_tls_with_password(tmp_path):
 
 
 def test_request_status_shows_owner_progress_and_where_branches_ran(state):
-    from cluster.cli_serve import format_request_status
+    from cluster.cli_status import format_request_status
 
     assert state.request_status("nobody") is None
     assert "no record" in format_request_status("nobody", None)
