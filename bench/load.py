@@ -26,17 +26,16 @@ from bench.common import (
     machine,
     mixed_prompts,
     poisson_arrivals,
-    pyplot,
     ratio,
     summarize,
-    table,
     write_json,
 )
 from bench.serve_local import LocalServe
-from bench.targets import EngineTarget, GrpcTarget, HttpTarget, Result, VllmTarget
+from bench.targets import CompletionsTarget, EngineTarget, GrpcTarget, HttpTarget, Result
 
 APAR, TWIN, VLLM, ENGINE = "apar", "twin", "twin-vllm", "twin-engine"
 APAR_HTTP, TWIN_HTTP = "apar-http", "twin-http"
+LLAMA = "twin-llamacpp"
 LABELS = {
     APAR: "APAR, our cluster (gRPC)",
     TWIN: "twin, our cluster (gRPC)",
@@ -44,6 +43,7 @@ LABELS = {
     TWIN_HTTP: "twin, our cluster (OpenAI HTTP)",
     VLLM: "twin, vLLM-CPU",
     ENGINE: "twin, our engine in-process",
+    LLAMA: "twin, llama.cpp Q4_1 (llama-server --parallel 16)",
 }
 
 
@@ -201,13 +201,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     vllm_dir, free_port(), log_dir / "vllm-load.log", max_model_len=args.max_model_len,
                     threads=1, max_num_seqs=128,
                 ) as srv:  # fmt: skip
-                    target = VllmTarget(srv.port, tok, args.timeout)
+                    target = CompletionsTarget(srv.port, tok, args.timeout)
                     target(prompts[0], 8)
                     targets[VLLM] = run_target(VLLM, target, prompts, args)
             except BenchError as exc:
                 notes.append(f"vLLM skipped: {exc}")
                 print(notes[-1], flush=True)
+    if LLAMA in wanted:
+        rows, note = run_llamacpp(args.baseline, twin_dir, prompts, args, log_dir)
+        if rows:
+            targets[LLAMA] = rows
+        if note:
+            notes.append(note)
+            print(note, flush=True)
     return _result(args, targets, notes)
+
+
+def run_llamacpp(base: str, twin_dir: Path, prompts, args, log_dir: Path):
+    """llama-server on the base's Q4_1 GGUF with 16 slots (continuous batching), same token ids."""
+    from apar_worker.base_models import BASE_MODELS
+    from bench import llamacpp_peer as lc
+    from cluster.redis_server import free_port
+
+    reason = lc.skip_reason() or (
+        None if base in BASE_MODELS else f"llama.cpp needs a GGUF base; {base} is not one"
+    )
+    if reason:
+        return None, reason
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(twin_dir)
+    print("starting llama-server (Q4_1, 16 slots) ...", flush=True)
+    try:
+        with lc.LlamaServer(lc.gguf_file(base, lc.Q4), free_port(), log_dir / "llamacpp-load.log",
+                            ctx_per_slot=args.max_model_len, threads=args.llamacpp_threads, parallel=16) as srv:  # fmt: skip
+            target = CompletionsTarget(srv.port, tok, args.timeout)  # the same OpenAI /v1/completions client
+            target(prompts[0], 32)  # warm-up: the first request pages the weights in
+            return run_target(LLAMA, target, prompts, args), None
+    except BenchError as exc:
+        return None, f"llama.cpp skipped: {exc}"
 
 
 def _result(args, targets, notes) -> dict[str, Any]:
@@ -238,52 +270,13 @@ def saturation(targets: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         n: {"out_tok_s": r["out_tok_s"], "req_s": r["req_s"], "rate": r["rate"]} for n, r in best.items()
     }
     if APAR in best:
-        for peer in (TWIN, VLLM, APAR_HTTP):
+        for peer in (TWIN, VLLM, APAR_HTTP, LLAMA):
             if peer in best:
                 out[f"apar_vs_{peer}_tok_s"] = ratio(best[APAR]["out_tok_s"], best[peer]["out_tok_s"])
                 out[f"apar_vs_{peer}_req_s"] = ratio(best[APAR]["req_s"], best[peer]["req_s"])
     if TWIN in best and VLLM in best:
         out["twin_ours_vs_vllm_tok_s"] = ratio(best[TWIN]["out_tok_s"], best[VLLM]["out_tok_s"])
     return out
-
-
-def print_tables(result: dict[str, Any]) -> None:
-    heads = ["target", "rate", "ok/sent", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50",
-             "e2e p50", "e2e p99", "tok/s vs twin"]  # fmt: skip
-    twin = {r["rate"]: r for r in result["targets"].get(TWIN, [])}
-    rows = []
-    for name, rs in result["targets"].items():
-        for r in rs:
-            ref = twin.get(r["rate"])
-            rows.append([
-                LABELS.get(name, name), r["rate"], f"{r['requests'] - r['failed']}/{r['requests']}", r["req_s"],
-                r["out_tok_s"], r["ttft_s"]["p50"], r["ttft_s"]["p99"], r["tpot_s"]["p50"], r["e2e_s"]["p50"],
-                r["e2e_s"]["p99"], ratio(r["out_tok_s"], ref["out_tok_s"]) if ref else math.nan,
-            ])  # fmt: skip
-    print(table(heads, rows))
-    sat = result["saturation"]
-    for key, val in sat.items():
-        if not isinstance(val, dict):
-            print(f"saturation {key}: {val:.2f}x" if val == val else f"saturation {key}: -")
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for k, (name, rs) in enumerate(result["targets"].items()):
-        rates, label, c = [r["rate"] for r in rs], LABELS.get(name, name), f"C{k}"
-        axes[0].plot(rates, [r["out_tok_s"] for r in rs], "o-", color=c, label=label)
-        axes[1].plot(rates, [r["ttft_s"]["p50"] for r in rs], "o-", color=c, label=label)
-        axes[2].plot(rates, [r["e2e_s"]["p50"] for r in rs], "o-", color=c, label=f"{label} p50")
-        axes[2].plot(rates, [r["e2e_s"]["p99"] for r in rs], "x--", color=c, label=f"{label} p99")
-    for ax, title in zip(axes, ("output tokens/s", "TTFT p50 (s)", "end-to-end latency (s)"), strict=True):
-        ax.set_xlabel("offered rate (req/s)")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _rates(text: str) -> list[float]:
@@ -330,13 +323,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--targets",
         type=_targets,
-        default=[APAR, APAR_HTTP, TWIN, VLLM],
+        default=[APAR, APAR_HTTP, TWIN, VLLM, LLAMA],
         metavar="T[,T...]",
-        help=f"with --local, of {','.join(LABELS)} (default apar,apar-http,twin,twin-vllm; the -http "
+        help=f"with --local, of {','.join(LABELS)} (default apar,apar-http,twin,twin-vllm,twin-llamacpp; the -http "
         "targets drive the same cluster through /v1/chat/completions; twin-engine is our engine "
         "in-process, the cluster's cost left out)",
     )
-    p.add_argument("--max-model-len", type=int, default=1024, help="vLLM context length")
+    p.add_argument(
+        "--max-model-len", type=int, default=1024, help="vLLM / llama.cpp (per slot) context length"
+    )
+    p.add_argument("--llamacpp-threads", type=int, default=2, help="llama-server threads (default 2)")
     p.add_argument("--num-cpus", type=float, default=2.0, help="CPUs Ray may use for apar serve")
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl")
     p.add_argument("--json", default=str(RESULTS_DIR / "load.json"), metavar="OUT")
@@ -344,6 +340,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bench.load_report import plot, print_tables
+
     if args.duration <= 0 or args.duration > 600 or not 1 <= args.max_requests <= 512:
         raise BenchError("--duration must be in (0, 600] and --max-requests in [1, 512]")
     if args.max_tokens < 1 or args.timeout <= 0:

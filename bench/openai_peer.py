@@ -48,9 +48,15 @@ def post(port: int, path: str, body: dict[str, Any], timeout_s: float = 300.0) -
             raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
         if not stream:
             data = json.loads(resp.read())
+            wall = time.perf_counter() - start
+            if "choices" not in data:  # llama.cpp's native /completion
+                ids = list(data.get("tokens") or [])
+                return Completion(
+                    int(data.get("tokens_predicted", len(ids))), wall, None, data["content"], ids
+                )
             choice = data["choices"][0]
             text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
-            return Completion(data["usage"]["completion_tokens"], time.perf_counter() - start, None, text)
+            return Completion(data["usage"]["completion_tokens"], wall, None, text)
         ttft, tokens, parts = None, 0, []
         while line := resp.readline():
             line = line.strip()

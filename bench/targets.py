@@ -80,8 +80,8 @@ class GrpcTarget:
         self.channel.close()
 
 
-class VllmTarget:
-    """Streamed /v1/completions with the same prompt token ids our engine decodes."""
+class CompletionsTarget:
+    """Streamed /v1/completions (vLLM, llama-server) with the same prompt token ids our engine decodes."""
 
     def __init__(self, port: int, tokenizer, timeout_s: float):
         self.port, self.tokenizer, self.timeout_s = port, tokenizer, timeout_s

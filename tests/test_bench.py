@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bench import common
+from bench.common import BenchError
 from bench.load import run_rate, summarize_rate
 from bench.targets import Result
 from cluster.cli import main as apar
@@ -179,3 +180,16 @@ def test_vllm_head_padding_is_the_same_attention(tmp_path):
     heads_v1 = torch.cat([v1.view(2, 32)[h // 2] for h in range(4)])
     torch.testing.assert_close(new[attn + "o_proj.weight"] @ heads_v1, old[attn + "o_proj.weight"] @ heads_v0)
     torch.testing.assert_close(new["model.embed_tokens.weight"], old["model.embed_tokens.weight"])
+
+
+def test_llamacpp_peer_skips_cleanly_and_compares_token_prefixes(tmp_path, monkeypatch):
+    from bench import llamacpp_peer as lc
+
+    monkeypatch.setenv("APAR_LLAMACPP_DIR", str(tmp_path / "none"))
+    reason = lc.skip_reason()
+    assert reason and "scripts/install-llamacpp.sh" in reason and "skipped" in reason
+    with pytest.raises(BenchError, match="install-llamacpp"):
+        lc.LlamaServer(tmp_path / "m.gguf", 1, tmp_path / "log", ctx_per_slot=256).command()
+    assert lc.gguf_file("smollm2-135m-instruct", lc.Q4).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert lc.same_prefix_share([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
+    assert lc.same_prefix_share([1, 2], [1, 2, 3]) == 1.0 and lc.same_prefix_share([], [1]) == 0.0
