@@ -30,6 +30,7 @@ from apar_worker.model_runner import (
     pick_device,
 )
 from apar_worker.output import request_output
+from apar_worker.resume import rebuild_tree
 from apar_worker.sampling import make_generator, sample
 from apar_worker.scheduler import Scheduler, SchedulerConfig
 from apar_worker.sequence import Branch, RequestState, RequestStatus
@@ -147,8 +148,13 @@ class Engine:
                 f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len} tokens"
             )
         state = RequestState(req, prompt_ids)
-        root = Branch(id=0, parent=None, depth=0, tokens=list(prompt_ids), own_start=len(prompt_ids))
-        self._init_branch(state, root)
+        if req.resume:
+            rebuild_tree(state, req.resume, self.fork_id, self.child_id, self._init_branch)
+            if not state.live_branches():
+                raise InvalidRequestError("resume: every branch has ended already")
+        else:
+            root = Branch(id=0, parent=None, depth=0, tokens=list(prompt_ids), own_start=len(prompt_ids))
+            self._init_branch(state, root)
         self.requests[req.request_id] = state
         self.scheduler.add(state)
 

@@ -60,6 +60,22 @@ class SamplingParams:
 
 
 @dataclass
+class ResumedBranch:
+    """A branch another replica already decoded part of (cluster failover, `GenerateRequest.resume`).
+
+    `token_ids` are its own sampled tokens so far (control tokens included, a child's forced
+    `[Child]` not); `fork_index` is the index of the `[Fork]` in the parent's `token_ids` that
+    made it (None for the root).
+    """
+
+    id: int
+    parent: int | None
+    fork_index: int | None
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
 class GenerateRequest:
     """One generation request.
 
@@ -81,6 +97,9 @@ class GenerateRequest:
     stream: bool = False  # compute per-step text deltas (costs detokenisation per step)
     deadline: float | None = None  # absolute time.monotonic() deadline
     session_id: str | None = None  # only used by the cluster for affinity
+    # Failover: continue these branches (root first, parents before children) instead of
+    # starting over; their tokens are prefilled as context (apar_worker/resume.py).
+    resume: list[ResumedBranch] | None = None
 
     def validate(self) -> None:
         given = [x is not None for x in (self.prompt, self.prompt_token_ids, self.messages)]

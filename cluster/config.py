@@ -78,6 +78,7 @@ class IngressSection:
     num_replicas: int
     max_ongoing_requests: int
     num_cpus: float
+    resume: bool
 
 
 @dataclass
@@ -390,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv[0] if argv else None)
     except ConfigError as exc:
-        print(f"apar: error: {exc}", file=sys.stderr)
-        return 2
+        return print(f"apar: error: {exc}", file=sys.stderr) or 2
     print(json.dumps(to_serve_deploy_dict(cfg), indent=2))
     return 0
 

@@ -39,6 +39,7 @@ from apar_worker.types import (
     GenerateRequest,
     InvalidRequestError,
     RequestOutput,
+    ResumedBranch,
 )
 from cluster.config import INGRESS_DEPLOYMENT, load_config_dict
 from cluster.grpc_service import BadWireData, RequestTooLarge, client_message, parse
@@ -117,8 +118,9 @@ class AparIngress:
         with the RequestOutput); raises GrpcError on failure. The replica ids are every replica
         that ran the request so far, the current one last.
 
-        A replica that dies mid-request is marked dead and the request is replayed on another
-        one; `cluster.resume` forwards only the events the client has not seen yet.
+        A replica that dies mid-request is marked dead and the request resumes (or, with
+        `ingress.resume: false`, is replayed) on another one; `cluster.resume` forwards only the
+        events the client has not seen yet.
         """
         # Over 50 lines on purpose: one try maps every failure of the stream to exactly one
         # gRPC status, and its finally always releases the in-flight entry.
@@ -128,17 +130,25 @@ class AparIngress:
 
         deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
 
-        def start(attempt: int) -> DeploymentResponseGenerator:
+        def start(attempt: int, tree: list[ResumedBranch] | None) -> DeploymentResponseGenerator:
             # a retry gets what is left of the request's timeout, not a fresh one
             left = max(0.001, deadline - time.monotonic()) if deadline is not None else 0.0
-            gen = self.worker.options(stream=True).generate.remote(req, left)
+            attempt_req = dataclasses.replace(req, resume=tree) if tree else req
+            # token events even for unary calls, so a failover can resume from them
+            gen = self.worker.options(stream=True).generate.remote(
+                attempt_req, left, events=self.cfg.ingress.resume
+            )
             self._inflight[rid] = gen
             return gen
 
         ran: list[str] = []
         try:
             async for item in generate_with_failover(
-                start, request_id=rid, state=self.state, max_attempts=MAX_ATTEMPTS
+                start,
+                request_id=rid,
+                state=self.state,
+                max_attempts=MAX_ATTEMPTS,
+                resume=self.cfg.ingress.resume,
             ):
                 if isinstance(item, str):
                     ran.append(item)

@@ -59,10 +59,11 @@ class AparWorker:
                 log.exception("metrics sampling failed")
 
     async def generate(
-        self, req: GenerateRequest, timeout_s: float = 0.0
+        self, req: GenerateRequest, timeout_s: float = 0.0, events: bool = False
     ) -> AsyncIterator[str | list[BranchEvent | RequestOutput]]:
-        """Yields this replica's id, then lists of items: one engine step's BranchEvents (only if
-        `req.stream`), the last list ending with the RequestOutput.
+        """Yields this replica's id, then lists of items: one engine step's BranchEvents (if
+        `req.stream`, or `events`: the ingress keeps them to resume after a failover), the last
+        list ending with the RequestOutput.
 
         `timeout_s` becomes the engine deadline (an absolute monotonic time of this process).
         If the caller goes away (cancelled call, expired gRPC deadline, Cancel RPC), Ray cancels
@@ -80,7 +81,7 @@ class AparWorker:
                 if isinstance(batch[-1], RequestOutput):
                     done = True
                     self.metrics.observe_request(batch[-1])
-                if not req.stream:  # unary calls only need the final output
+                if not (req.stream or events):  # unary calls only need the final output
                     batch = batch[-1:] if done else []
                 if batch:
                     yield batch

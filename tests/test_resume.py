@@ -51,7 +51,7 @@ def test_generate_with_failover_retries_on_replica_death(state):
     state.heartbeat(ReplicaLoad("dead-rep", pid=1))
     calls: list[int] = []
 
-    def start(attempt: int):
+    def start(attempt: int, tree):
         async def gen():
             calls.append(attempt)
             yield f"replica-{attempt}"
@@ -63,7 +63,7 @@ def test_generate_with_failover_retries_on_replica_death(state):
         return gen()
 
     async def run():
-        return [x async for x in generate_with_failover(start, request_id="rq", state=state)]
+        return [x async for x in generate_with_failover(start, request_id="rq", state=state, resume=False)]
 
     items = asyncio.run(run())
     assert calls == [0, 1]
@@ -72,7 +72,7 @@ def test_generate_with_failover_retries_on_replica_death(state):
     assert items[1][0].new_token_ids == [1] and items[3][0].new_token_ids == [2] and items[3][1] == "final"
     assert state.route_info(None, None, [], ["dead-rep"]).dead == {"dead-rep"}
 
-    def bad(attempt: int):
+    def bad(attempt: int, tree):
         async def gen():
             raise ValueError("bad request")
             yield  # pragma: no cover
@@ -84,3 +84,35 @@ def test_generate_with_failover_retries_on_replica_death(state):
 
     with pytest.raises(ValueError):
         asyncio.run(run_bad())
+
+
+def test_resumed_retry_gets_the_tree_so_far_and_sends_each_token_once():
+    """Resume: the retry starts from the client's tree (child fork positions included) and its
+    events are all new; the replayed run of the test above would be dropped instead."""
+    trees: list = []
+
+    def start(attempt: int, tree):
+        async def gen():
+            trees.append(tree)
+            if attempt == 0:
+                yield [_ev(0, [5, 1], "a", created=True), _ev(1, [], "", created=True, parent=0)]
+                yield [_ev(0, [6], "b"), _ev(1, [7], "x", parent=0)]
+                raise ActorDiedError()
+            yield [_ev(0, [8], "c", fin="stop"), _ev(1, [9], "y", parent=0, fin="stop"), "final"]
+
+        return gen()
+
+    async def run():
+        return [x async for x in generate_with_failover(start, request_id="rq")]
+
+    items = asyncio.run(run())
+    assert trees[0] is None
+    (root, child) = trees[1]
+    assert (root.id, root.parent, root.fork_index, root.token_ids) == (0, None, None, [5, 1, 6])
+    assert (child.id, child.parent, child.fork_index, child.token_ids) == (1, 0, 1, [7])
+    sent: dict[int, list[int]] = {}
+    for step in items:
+        for e in step:
+            if isinstance(e, BranchEvent):
+                sent.setdefault(e.branch_id, []).extend(e.new_token_ids)
+    assert sent == {0: [5, 1, 6, 8], 1: [7, 9]} and items[-1][-1] == "final"
