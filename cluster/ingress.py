@@ -41,6 +41,7 @@ from apar_worker.types import (
     RequestOutput,
     ResumedBranch,
 )
+from cluster.cancel_bus import CancelBus
 from cluster.config import INGRESS_DEPLOYMENT, load_config_dict
 from cluster.grpc_service import BadWireData, RequestTooLarge, client_message, parse
 from cluster.http_routes import http_generate
@@ -109,6 +110,11 @@ class AparIngress:
         self._inflight: dict[str, DeploymentResponseGenerator] = {}
         self._cancelled: set[str] = set()
         self.state = state_from_config(dataclasses.asdict(self.cfg.redis))  # None without Redis
+        self._loop = asyncio.get_event_loop()  # the replica's loop: cancels from the bus run on it
+        self.bus = None
+        if self.state is not None:  # a Cancel RPC on another ingress replica reaches us here
+            on_cancel = lambda rid: self._loop.call_soon_threadsafe(self._cancel_local, rid)  # noqa: E731
+            self.bus = CancelBus(self.state.url, self.state.namespace, on_cancel).start()
 
     # -- core ----------------------------------------------------------------------------------
     async def _run(
@@ -292,7 +298,8 @@ class AparIngress:
     async def Cancel(
         self, request: bytes | pb.CancelRequest, grpc_context: RayServegRPCContext
     ) -> pb.CancelResponse:
-        """Cancels a request this ingress replica is serving (the request_id the client chose)."""
+        """Cancels a request by the request_id the client chose, on whichever ingress replica
+        serves it (cluster/cancel_bus.py)."""
         try:
             request = self._parse(request, pb.CancelRequest)
         except GrpcError as err:
@@ -301,12 +308,21 @@ class AparIngress:
         if not request.request_id:
             _set(grpc_context, GrpcError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required"))
             return pb.CancelResponse()
-        gen = self._inflight.get(request.request_id)
+        rid = request.request_id
+        if self._cancel_local(rid):
+            return pb.CancelResponse(cancelled=True)
+        if self.bus is None or not await asyncio.to_thread(self.state.owner, rid):
+            return pb.CancelResponse(cancelled=False)  # not running anywhere (or no Redis to ask)
+        heard = await asyncio.to_thread(self.bus.publish, rid)  # we hear it too: > 1 is another one
+        return pb.CancelResponse(cancelled=heard > 1)
+
+    def _cancel_local(self, rid: str) -> bool:
+        gen = self._inflight.get(rid)
         if gen is None:
-            return pb.CancelResponse(cancelled=False)
-        self._cancelled.add(request.request_id)
+            return False
+        self._cancelled.add(rid)
         gen.cancel()
-        return pb.CancelResponse(cancelled=True)
+        return True
 
     # -- grpc.health.v1.Health -----------------------------------------------------------------
     async def _health(self, service: str) -> int:

@@ -160,7 +160,7 @@ def write_config(
         "engine": {"device": "cpu", "kv_cache_memory_mb": 32, "max_num_seqs": 64},
         "limits": {"max_tokens": 1024, "default_max_tokens": 128, "max_prompt_chars": 16384},
         "worker": {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 16},
-        "ingress": {"num_cpus": 0.1},
+        "ingress": {"num_replicas": 2, "num_cpus": 0.1},  # Cancel must reach the other one
         "grpc": {"port": grpc_port},
         "http": {"host": "127.0.0.1", "port": http_port},
         "redis": {"namespace": namespace, "heartbeat_interval_s": 0.3, "heartbeat_ttl_s": 1.5},

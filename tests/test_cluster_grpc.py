@@ -325,6 +325,19 @@ def test_cancel_rpc(apar_cluster, stub):
     apar_cluster.wait_kv_free()
 
 
+def test_cancel_reaches_the_request_on_any_ingress_replica(apar_cluster, stub):
+    """Two ingress replicas: the proxy sends Cancel to either; it must find the request anyway."""
+    for _ in range(6):
+        rid = uuid.uuid4().hex
+        future = stub.Generate.future(_long_request(rid), timeout=120)
+        _wait_owned(apar_cluster, rid)
+        assert stub.Cancel(pb.CancelRequest(request_id=rid), timeout=30).cancelled
+        with pytest.raises(grpc.RpcError) as err:
+            future.result()
+        assert err.value.code() == grpc.StatusCode.CANCELLED
+    apar_cluster.wait_kv_free()
+
+
 def test_expired_deadlines(apar_cluster, stub):
     # the client's gRPC deadline
     rid = uuid.uuid4().hex
