@@ -142,6 +142,18 @@ class KVManager:
         br.block_hashes = []
         br.num_computed = 0
 
+    def stored_tokens(self, states) -> int:
+        """Token slots of the pool holding K/V now (a shared block counted once): with the
+        blocks in use, the fragmentation ratio = allocated slots / stored tokens."""
+        fill: dict[int, int] = {}
+        bs = self.block_size
+        for state in states:
+            for br in state.branches:
+                for i, block in enumerate(br.block_table):
+                    n = max(0, min(bs, br.num_computed - i * bs))
+                    fill[block] = max(fill.get(block, 0), n)
+        return sum(fill.values())
+
     def free_request(self, state: RequestState) -> None:
         for br in state.branches:
             self.free(br)

@@ -54,6 +54,18 @@ class Run:
     chars: int = 0
     text: str = ""  # compared across systems on the same model (not written to JSON)
     token_ids: list[int] = field(default_factory=list)  # a sequential answer's tokens (not in JSON)
+    kv_timeline: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # per step: (blocks in use, tokens stored)
+    block_size: int = 0
+
+    @property
+    def fragmentation(self) -> float | None:
+        """Allocated KV slots / tokens stored, at the step with the most blocks in use."""
+        if not self.kv_timeline:
+            return None
+        blocks, stored = max(self.kv_timeline)
+        return blocks * self.block_size / stored if stored else None
 
     @property
     def tok_s(self) -> float:
@@ -90,16 +102,19 @@ def run_engine(engine, system: str, prompt: Prompt, ids: list[int], max_tokens: 
 
     req = GenerateRequest(prompt_token_ids=ids, fork=fork, sampling=SamplingParams(max_tokens=max_tokens))
     pool = engine.pool
-    peak, attended = 0, 0
+    peak, attended, timeline = 0, 0, []
     start = time.perf_counter()
     engine.add_request(req)
     out = None
     while out is None:
+        live = list(engine.requests.values())  # before the step: the request's state while it ran
         for item in engine.step():
             if isinstance(item, RequestOutput) and item.request_id == req.request_id:
                 out = item
         attended += engine.last_step_attended_tokens
-        peak = max(peak, pool.num_blocks - pool.num_free)
+        used = pool.num_blocks - pool.num_free
+        timeline.append((used, engine.kv.stored_tokens(live)))
+        peak = max(peak, used)
     wall = time.perf_counter() - start
     if out.error:
         raise RuntimeError(f"{system} failed on prompt {prompt.id}: {out.error}")
@@ -115,6 +130,8 @@ def run_engine(engine, system: str, prompt: Prompt, ids: list[int], max_tokens: 
         len(out.text),
         out.text,
         out.branches[0].token_ids if len(out.branches) == 1 else [],
+        timeline,
+        engine.kv.block_size,
     )
 
 
@@ -185,6 +202,7 @@ def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
             systems[name]["median_attended_per_step"] = median([rs[i].attended_per_step or 0.0 for i in ids])
             systems[name]["median_attended_total"] = median([float(rs[i].attended_tokens or 0) for i in ids])
             systems[name]["median_branches"] = median([float(rs[i].branches) for i in ids])
+            systems[name]["median_fragmentation"] = median([rs[i].fragmentation or 0.0 for i in ids])
     apar = by.get(APAR, {})
     if apar and twin:
         forked = [i for i in apar if i in twin and apar[i].branches > 1]
@@ -276,7 +294,11 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
         },
         "notes": notes,
         "systems": systems,
-        "runs": [{k: v for k, v in asdict(r).items() if k != "text"} | {"tok_s": r.tok_s} for r in runs],
+        "runs": [
+            {k: v for k, v in asdict(r).items() if k not in ("text", "token_ids")}
+            | {"tok_s": r.tok_s, "fragmentation_at_peak": r.fragmentation}
+            for r in runs
+        ],
         "_prompts": prompts,
         "_runs": runs,
     }

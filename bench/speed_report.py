@@ -63,6 +63,7 @@ def print_tables(systems: dict[str, Any]) -> None:
                 ("attended tokens / step", "median_attended_per_step"),
                 ("attended tokens / request", "median_attended_total"),
                 ("branches / request", "median_branches"),
+                ("fragmentation at peak (slots / stored tokens)", "median_fragmentation"),
                 ("steps", "median_steps"),
             )
         ]

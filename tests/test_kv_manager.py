@@ -67,10 +67,13 @@ def test_fork_shares_blocks_and_copies_the_partial_block_on_write():
     assert kv.allocate(child, 2) == []
     kv.commit(parent, 1)
     kv.commit(child, 2)
+    # stored tokens: 8 in the 2 shared full blocks (once), 2 in the parent's copy, 3 in the child's
+    assert kv.stored_tokens([state]) == 8 + 2 + 3 and kv.num_blocks - kv.num_free == 4
     kv.free(parent)
     assert kv.num_free < kv.num_blocks
     kv.free(child)
     assert_all_free(kv)
+    assert kv.stored_tokens([state]) == 0
 
 
 def test_fork_at_a_block_boundary_copies_nothing():
