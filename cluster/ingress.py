@@ -46,7 +46,7 @@ from cluster.config import INGRESS_DEPLOYMENT, load_config_dict
 from cluster.grpc_service import BadWireData, RequestTooLarge, client_message, parse
 from cluster.http_routes import http_generate
 from cluster.openai_api import models
-from cluster.protocol import to_engine_request, to_event, to_response
+from cluster.protocol import RequestIdInUse, to_engine_request, to_event, to_response
 from cluster.resume import ReplayMismatchError, generate_with_failover
 from cluster.state import state_from_config
 from protos.apar.v1 import apar_pb2 as pb
@@ -148,6 +148,7 @@ class AparIngress:
             return gen
 
         ran: list[str] = []
+        finished = False
         try:
             async for item in generate_with_failover(
                 start,
@@ -159,10 +160,18 @@ class AparIngress:
                 if isinstance(item, str):
                     ran.append(item)
                 else:
+                    finished = finished or isinstance(item[-1], RequestOutput)
                     yield list(ran), item
+            if not finished:  # a worker stream cancelled as it ended stops without its output
+                if rid in self._cancelled:
+                    raise GrpcError(grpc.StatusCode.CANCELLED, f"request {rid} was cancelled")
+                log.error("request %s: the worker stream ended without a result", rid)
+                raise _internal(rid)
         except RequestCancelledError:
             raise GrpcError(grpc.StatusCode.CANCELLED, f"request {rid} was cancelled") from None
         # Errors from a replica arrive wrapped in Ray's traceback: only their own message is sent.
+        except RequestIdInUse as exc:  # on its worker replica, from another ingress replica
+            raise GrpcError(grpc.StatusCode.ALREADY_EXISTS, client_message(exc)) from None
         except InvalidRequestError as exc:  # the engine's own checks, e.g. prompt over max_model_len
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, client_message(exc)) from None
         except BackPressureError as exc:

@@ -25,6 +25,14 @@ _MAX_ID_CHARS = 128
 _MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string: the engine searches the text's tail for every one each token
 _MAX_DEPTH = 8
+# The sampler divides logits by the temperature and the repetition penalty in float32: past
+# these bounds a logit overflows to inf, the probabilities become NaN and the engine step fails.
+_MIN_TEMPERATURE = 1e-6  # a positive temperature below it; 0 is greedy
+_PENALTY_RANGE = (1e-6, 1e6)
+
+
+class RequestIdInUse(InvalidRequestError):
+    """A worker replica already runs a request with this request_id (gRPC ALREADY_EXISTS)."""
 
 
 def _bad(message: str) -> InvalidRequestError:
@@ -42,12 +50,21 @@ def _sampling(msg: pb.GenerateRequest, max_tokens: int) -> SamplingParams:
     params = SamplingParams(max_tokens=max_tokens)
     if s.HasField("temperature"):
         params.temperature = _finite("sampling.temperature", s.temperature)
+        if 0 < params.temperature < _MIN_TEMPERATURE:
+            raise _bad(
+                f"sampling.temperature must be 0 (greedy) or at least {_MIN_TEMPERATURE:g}, got {s.temperature:g}"
+            )
     if s.HasField("top_k"):
         params.top_k = s.top_k
     if s.HasField("top_p"):
         params.top_p = _finite("sampling.top_p", s.top_p)
     if s.HasField("repetition_penalty"):
         params.repetition_penalty = _finite("sampling.repetition_penalty", s.repetition_penalty)
+        low, high = _PENALTY_RANGE
+        if params.repetition_penalty > 0 and not low <= params.repetition_penalty <= high:
+            raise _bad(
+                f"sampling.repetition_penalty must be in [{low:g}, {high:g}], got {s.repetition_penalty:g}"
+            )
     if s.HasField("seed"):
         params.seed = s.seed
     elif params.temperature > 0:

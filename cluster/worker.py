@@ -24,6 +24,7 @@ from apar_worker.types import BranchEvent, GenerateRequest, RequestOutput
 from cluster.config import WORKER_DEPLOYMENT, load_config_dict
 from cluster.load_reporter import LoadReporter, current_replica_id
 from cluster.metrics import WorkerMetrics
+from cluster.protocol import RequestIdInUse
 from cluster.state import state_from_config
 
 log = logging.getLogger("ray.serve")
@@ -47,6 +48,7 @@ class AparWorker:
             self.reporter = LoadReporter(
                 state, self.engine.stats, self.replica_id, interval_s=self.cfg.redis.heartbeat_interval_s
             ).start()
+        self._running: set[str] = set()  # ids of the requests in `generate` now
         self._stop = threading.Event()
         threading.Thread(target=self._sample_metrics, name="apar-metrics", daemon=True).start()
         log.info("AparWorker %s ready: model %s", self.replica_id, self.cfg.model)
@@ -69,14 +71,22 @@ class AparWorker:
         If the caller goes away (cancelled call, expired gRPC deadline, Cancel RPC), Ray cancels
         this generator and the request is aborted so its KV blocks return to the pool.
         """
-        if timeout_s > 0:
-            req.deadline = time.monotonic() + timeout_s
-        yield self.replica_id
-        stream: AsyncIterator[list[BranchEvent | RequestOutput]] = self.engine.generate_steps(req)
-        if self.reporter is not None:
-            stream = self.reporter.track(req, stream)
+        rid = req.request_id
+        if rid in self._running:
+            # The engine keys a request's output queue and its abort by id: a second request with
+            # it (from another ingress replica, or reused while the first one is still closing)
+            # would take the first one's outputs or abort it.
+            raise RequestIdInUse(f"request_id {rid!r} is already in flight")
+        self._running.add(rid)
+        stream: AsyncIterator[list[BranchEvent | RequestOutput]] | None = None
         done = False
         try:
+            if timeout_s > 0:
+                req.deadline = time.monotonic() + timeout_s
+            yield self.replica_id
+            stream = self.engine.generate_steps(req)
+            if self.reporter is not None:
+                stream = self.reporter.track(req, stream)
             async for batch in stream:
                 if isinstance(batch[-1], RequestOutput):
                     done = True
@@ -86,9 +96,12 @@ class AparWorker:
                 if batch:
                     yield batch
         finally:
-            if not done:  # caller gone: close the wrappers now, and make sure the engine aborts
-                await stream.aclose()
-                await self.engine.cancel(req.request_id)
+            try:
+                if not done and stream is not None:  # caller gone: close the wrappers, abort in the engine
+                    await stream.aclose()
+                    await self.engine.cancel(rid)
+            finally:
+                self._running.discard(rid)
 
     def stats(self) -> dict[str, Any]:
         return {"replica_id": self.replica_id, **dataclasses.asdict(self.engine.stats())}
