@@ -293,7 +293,9 @@ def print_report(result: dict[str, Any]) -> None:
     rows = [[k, c[k]] for k in ("requests_sent", "completed", "failed", "lost_tokens", "duplicated_tokens",
                                 "text_mismatches", "failed_over_requests", "replica_kills", "redis_restarts")]  # fmt: skip
     rec = c["recovery_s"]
-    rows.append(["recovery after a kill, s (p50 / p99, failed-over requests)", f"{rec['p50']:.2f} / {rec['p99']:.2f}"])
+    rows.append(
+        ["recovery after a kill, s (p50 / p99, failed-over requests)", f"{rec['p50']:.2f} / {rec['p99']:.2f}"]
+    )
     print(table(["chaos", "value"], rows))
     for e in c["errors"]:
         print(f"error: {e}")
