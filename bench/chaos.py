@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"starting apar serve ({args.model}, 2 worker replicas, resume on) ...", flush=True)
     with LocalServe(serve_config(model, resume=True), log_dir / "chaos-serve.log", args.num_cpus) as srv:
         stream_one(_stub(srv), prompts[0], 8, args.timeout)  # warm-up
+        _wait_two_replicas(srv)
         print(f"chaos: {args.duration:.0f}s of Poisson load at {args.rate} req/s with kills ...", flush=True)
         out["chaos"] = chaos_run(srv, args, prompts)
         _wait_two_replicas(srv)
@@ -261,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             serve_config(model, resume=False), log_dir / "chaos-replay.log", args.num_cpus
         ) as srv:
             stream_one(_stub(srv), prompts[0], 8, args.timeout)
+            _wait_two_replicas(srv)
             out["recovery"]["replay"] = recovery_at_75(srv, args)
         rec = out["recovery"]
         rec["resume_vs_replay"] = (
@@ -277,12 +279,18 @@ def _stub(srv: LocalServe):
     return pb_grpc.AparServiceStub(grpc.insecure_channel(srv.address))
 
 
-def _wait_two_replicas(srv: LocalServe, timeout_s: float = 180.0) -> None:
-    """Ray replaces killed replicas; the recovery run needs two live ones again."""
+def _wait_two_replicas(srv: LocalServe, timeout_s: float = 180.0, settle_s: float = 4.0) -> None:
+    """Ray replaces killed replicas; the recovery run needs two live ones again: Ray reports two
+    RUNNING and two heartbeat, for longer than a dead replica's heartbeat outlives it."""
     state = cluster_state(srv)
-    deadline = time.monotonic() + timeout_s
+    deadline, since = time.monotonic() + timeout_s, None
     try:
-        while time.monotonic() < deadline and len(state.replica_loads() or {}) < 2:
+        while time.monotonic() < deadline:
+            ray = (json.loads(_state_file(srv).read_text()).get("ray") or {}).get("replicas", {})
+            ok = ray.get("RUNNING", 0) >= 2 and len(state.replica_loads() or {}) >= 2
+            since = (since or time.monotonic()) if ok else None
+            if since is not None and time.monotonic() - since >= settle_s:
+                return
             time.sleep(0.5)
     finally:
         state.close()

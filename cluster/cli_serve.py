@@ -189,24 +189,16 @@ def run_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    from cluster.redis_server import RedisServer, RedisServerError
+    from cluster.redis_server import RedisServerError
 
     redis_server = None
     state = None
     supervisor = None
     try:
-        if cfg.redis.url is None:
-            # A password per run: any local process could otherwise read or forge routing keys.
-            redis_server = RedisServer(password=secrets.token_hex(16))
-            try:
-                cfg.redis.url = redis_server.start()
-            except RedisServerError as exc:
-                return fail(str(exc))
-        shown = redact_url(cfg.redis.url)
-        print(
-            f"apar serve: redis {shown}" + (" (started) with a per-run password" if redis_server else ""),
-            flush=True,
-        )
+        try:
+            redis_server = _start_redis(cfg)
+        except RedisServerError as exc:
+            return fail(str(exc))
         _grpc_message_limit(cfg)
         _start_ray(_ray_cpus(cfg, args.num_cpus), args.host)
         if stop.is_set():
@@ -223,12 +215,9 @@ def run_serve(args: argparse.Namespace) -> int:
         supervisor = Supervisor(redis_server, state, {**record, "metrics_url": metrics_url}, cfg.app_name,
                                 log=lambda line: print(line, flush=True))  # fmt: skip
         print(f"apar serve: Prometheus metrics at {metrics_url}", flush=True)
-        print(
-            f"apar serve: listening on grpc {_hostport(args.host, cfg.grpc.port)} "
-            "(apar.v1.AparService, health, reflection); "
-            "Ctrl-C stops",
-            flush=True,
-        )
+        where = _hostport(args.host, cfg.grpc.port)
+        print(f"apar serve: listening on grpc {where} (apar.v1.AparService, health, reflection); Ctrl-C stops",
+              flush=True)  # fmt: skip
         while not stop.wait(0.5):
             supervisor.tick()
         print("apar serve: stopping ...", flush=True)
@@ -239,6 +228,20 @@ def run_serve(args: argparse.Namespace) -> int:
         if supervisor is not None:
             supervisor.close()
         _shutdown(redis_server, state)
+
+
+def _start_redis(cfg: ServeAppConfig):
+    """The embedded redis-server unless the config names a Redis; sets cfg.redis.url."""
+    from cluster.redis_server import RedisServer
+
+    server = None
+    if cfg.redis.url is None:
+        # A password per run: any local process could otherwise read or forge routing keys.
+        server = RedisServer(password=secrets.token_hex(16))
+        cfg.redis.url = server.start()
+    started = " (started) with a per-run password" if server else ""
+    print(f"apar serve: redis {redact_url(cfg.redis.url)}{started}", flush=True)
+    return server
 
 
 def _hostport(host: str, port: int) -> str:

@@ -148,7 +148,6 @@ class AparIngress:
             return gen
 
         ran: list[str] = []
-        finished = False
         try:
             async for item in generate_with_failover(
                 start,
@@ -160,13 +159,7 @@ class AparIngress:
                 if isinstance(item, str):
                     ran.append(item)
                 else:
-                    finished = finished or isinstance(item[-1], RequestOutput)
                     yield list(ran), item
-            if not finished:  # a worker stream cancelled as it ended stops without its output
-                if rid in self._cancelled:
-                    raise GrpcError(grpc.StatusCode.CANCELLED, f"request {rid} was cancelled")
-                log.error("request %s: the worker stream ended without a result", rid)
-                raise _internal(rid)
         except RequestCancelledError:
             raise GrpcError(grpc.StatusCode.CANCELLED, f"request {rid} was cancelled") from None
         # Errors from a replica arrive wrapped in Ray's traceback: only their own message is sent.
