@@ -19,11 +19,10 @@ import random
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, BenchError, machine, mixed_prompts, poisson_arrivals, summarize, table
+from bench.common import RESULTS_DIR, BenchError, machine, mixed_prompts, summarize, table
 from bench.serve_local import LocalServe
 
 
@@ -118,7 +117,6 @@ def chaos_run(srv: LocalServe, args, prompts) -> dict[str, Any]:
     state = cluster_state(srv)
     channel = grpc.insecure_channel(srv.address)
     stub = pb_grpc.AparServiceStub(channel)
-    arrivals = poisson_arrivals(args.rate, args.duration, args.max_requests, seed=args.seed)
     kills: list[dict[str, Any]] = []
     stop = threading.Event()
 
@@ -130,30 +128,20 @@ def chaos_run(srv: LocalServe, args, prompts) -> dict[str, Any]:
             now = time.monotonic() - t0
             if not redis_done and now >= redis_at:
                 redis_done = _kill_redis(srv)
-                kills.append({"at_s": round(now, 1), "what": "redis-server", "t": time.monotonic()})
+                if redis_done:
+                    kills.append({"at_s": round(now, 1), "what": "redis-server", "t": time.monotonic()})
             if now >= next_kill:
                 victim = _kill_replica(state, rng)
                 if victim:
                     kills.append({"at_s": round(now, 1), "what": victim, "t": time.monotonic()})
                 next_kill = now + rng.uniform(lo, hi)
 
-    results: list[dict[str, Any]] = []
-    lock = threading.Lock()
-
-    def one(i: int) -> None:
-        r = stream_one(stub, prompts[i % len(prompts)], args.max_tokens, args.timeout)
-        with lock:
-            results.append(r)
+    from bench.load import run_rate  # the same bounded open-loop Poisson arrivals as `apar bench load`
 
     threading.Thread(target=killer, daemon=True, name="chaos-killer").start()
-    t0 = time.monotonic()
     try:
-        with ThreadPoolExecutor(max_workers=max(1, len(arrivals))) as pool:
-            for i, at in enumerate(arrivals):
-                delay = t0 + at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                pool.submit(one, i)
+        target = lambda p, n: stream_one(stub, p, n, args.timeout)  # noqa: E731
+        results, _ = run_rate(target, prompts, args.rate, args.duration, args.max_requests, args.max_tokens)
     finally:
         stop.set()
         channel.close()
@@ -191,7 +179,8 @@ def _gaps_after_kills(results: list[dict[str, Any]], kills: list[dict[str, Any]]
 
 
 def recovery_at_75(srv: LocalServe, args) -> dict[str, Any]:
-    """One long request, its replica SIGKILLed at 75 % of its tokens: kill -> next new token."""
+    """One long request, its replica SIGKILLed at 75 % of its tokens: kill -> the first new token
+    from another replica (the killed one's last steps may still be on their way)."""
     import uuid
 
     import grpc
@@ -213,7 +202,12 @@ def recovery_at_75(srv: LocalServe, args) -> dict[str, Any]:
                 break
             new = sum(ev.num_new_tokens for ev in item.events)
             seen += new
-            if t_kill is not None and t_next is None and new:
+            # a token made by another replica: tokens the killed one sent before it died are still in flight
+            if (
+                t_kill is not None
+                and t_next is None
+                and any(ev.num_new_tokens and ev.replica_id != killed for ev in item.events)
+            ):
                 t_next = time.monotonic()
             if t_kill is None and seen >= 0.75 * n:
                 owner = state.owner(rid)
