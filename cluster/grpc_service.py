@@ -7,11 +7,17 @@ functions here register the same methods with no deserializer, so the ingress re
 bytes and parses them itself (`parse`): undecodable or oversized input becomes a clean
 INVALID_ARGUMENT / RESOURCE_EXHAUSTED. `client_message` keeps Ray's wrapping (tracebacks, pids,
 addresses, actor ids, paths) out of every status message a client gets.
+
+Streaming calls also go through `cancel_on_disconnect`: Ray's proxy cancels the replica's call
+when a client leaves only if the proxy was awaiting the next item at that moment, not when it
+was writing one (then the ingress, and the worker behind it, decode on to the end).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -44,6 +50,45 @@ def _register(server: Any, service: str, handlers: dict[str, grpc.RpcMethodHandl
         add_registered(service, handlers)
 
 
+_END = object()
+
+
+def cancel_on_disconnect(handler: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[..., Any]:
+    """The proxy's streaming handler, driven by a task of its own.
+
+    The task is (almost) always awaiting the replica's next item, so when the client goes away
+    and the gRPC server closes this generator, cancelling the task lands the CancelledError
+    where Ray's proxy turns it into a cancel of the ingress call.
+    """
+
+    async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()  # unbounded: put never waits
+
+        async def pump() -> None:
+            try:
+                async for message in handler(request, context):
+                    queue.put_nowait((message, None))
+                queue.put_nowait((_END, None))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # re-raised in the server's task
+                queue.put_nowait((_END, exc))
+
+        task = asyncio.create_task(pump())
+        try:
+            while True:
+                message, exc = await queue.get()
+                if exc is not None:
+                    raise exc
+                if message is _END:
+                    return
+                yield message
+        finally:
+            task.cancel()  # a no-op once the call has ended
+
+    return stream
+
+
 def add_apar_service(servicer: Any, server: Any) -> None:
     """apar.v1.AparService with raw-bytes requests (Ray's proxy routes every call to the ingress)."""
     _register(
@@ -51,7 +96,9 @@ def add_apar_service(servicer: Any, server: Any) -> None:
         APAR_SERVICE,
         {
             "Generate": grpc.unary_unary_rpc_method_handler(servicer.Generate),
-            "GenerateStream": grpc.unary_stream_rpc_method_handler(servicer.GenerateStream),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                cancel_on_disconnect(servicer.GenerateStream)
+            ),
             "Cancel": grpc.unary_unary_rpc_method_handler(servicer.Cancel),
         },
     )
@@ -64,7 +111,7 @@ def add_health_service(servicer: Any, server: Any) -> None:
         HEALTH_SERVICE,
         {
             "Check": grpc.unary_unary_rpc_method_handler(servicer.Check),
-            "Watch": grpc.unary_stream_rpc_method_handler(servicer.Watch),
+            "Watch": grpc.unary_stream_rpc_method_handler(cancel_on_disconnect(servicer.Watch)),
         },
     )
 

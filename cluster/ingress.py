@@ -113,8 +113,7 @@ class AparIngress:
         self._loop = asyncio.get_event_loop()  # the replica's loop: cancels from the bus run on it
         self.bus = None
         if self.state is not None:  # a Cancel RPC on another ingress replica reaches us here
-            on_cancel = lambda rid: self._loop.call_soon_threadsafe(self._cancel_local, rid)  # noqa: E731
-            self.bus = CancelBus(self.state.url, self.state.namespace, on_cancel).start()
+            self.bus = CancelBus(self.state.url, self.state.namespace, self._cancel_from_bus).start()
 
     # -- core ----------------------------------------------------------------------------------
     async def _run(
@@ -315,8 +314,18 @@ class AparIngress:
             return pb.CancelResponse(cancelled=True)
         if self.bus is None or not await asyncio.to_thread(self.state.owner, rid):
             return pb.CancelResponse(cancelled=False)  # not running anywhere (or no Redis to ask)
-        heard = await asyncio.to_thread(self.bus.publish, rid)  # we hear it too: > 1 is another one
-        return pb.CancelResponse(cancelled=heard > 1)
+        return pb.CancelResponse(cancelled=await asyncio.to_thread(self.bus.publish, rid))
+
+    def _cancel_from_bus(self, rid: str) -> bool:
+        """On the bus's thread: cancel on the replica's loop, and say whether we held it."""
+
+        async def cancel() -> bool:
+            return self._cancel_local(rid)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(cancel(), self._loop).result(timeout=5)
+        except Exception:  # the loop is gone or stuck: nothing was cancelled here
+            return False
 
     def _cancel_local(self, rid: str) -> bool:
         gen = self._inflight.get(rid)
