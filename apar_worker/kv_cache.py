@@ -13,6 +13,8 @@ from collections import OrderedDict
 
 import torch
 
+from apar_worker.types import BLOCK_SIZES
+
 
 class OutOfBlocksError(RuntimeError):
     """The pool has fewer free blocks than a caller asked for (the scheduler preempts)."""
@@ -22,8 +24,10 @@ class BlockPool:
     """Block ids, reference counts and the prefix-cache index; holds no tensors."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError("num_blocks and block_size must be >= 1")
+        if num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching

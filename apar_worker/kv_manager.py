@@ -28,10 +28,15 @@ class AdmissionPlan:
     hits: list[list[int]]  # per branch: cached blocks of its context (prefix-cache hits)
     need: int  # blocks it needs now, the blocks held back for its forks included
     available: int  # free blocks once revived hits and everyone's reservations are counted
+    reserve: int = 0  # of `need`, the blocks held back for its forks
 
     @property
     def fits(self) -> bool:
         return self.need <= self.available
+
+    @property
+    def fits_without_reserve(self) -> bool:
+        return self.need - self.reserve <= self.available
 
 
 class KVManager:
@@ -80,8 +85,10 @@ class KVManager:
         need = reserve + sum(
             _cdiv(len(br.tokens), self.block_size) - len(h) for br, h in zip(branches, hits, strict=True)
         )
-        revived = sum(1 for h in hits for b in h if self.pool.ref_counts[b] == 0)
-        return AdmissionPlan(branches, hits, need, self.pool.num_free - revived - held)
+        # a free cached block that several branches hit (a preempted request's shared prefix)
+        # leaves the free list once
+        revived = len({b for h in hits for b in h if self.pool.ref_counts[b] == 0})
+        return AdmissionPlan(branches, hits, need, self.pool.num_free - revived - held, reserve)
 
     def admit(self, state: RequestState, plan: AdmissionPlan) -> None:
         """Take the plan's cached blocks; the rest of each context is computed from there."""

@@ -157,10 +157,11 @@ class Scheduler:
             plan = self.kv.plan_admission(
                 live, state.reserved_blocks(cfg.expected_forks), held + cfg.watermark_blocks
             )
-            if not plan.fits:
-                if not self.running and plan.need > self.kv.num_blocks - cfg.watermark_blocks:
+            # Alone in the engine, a request's fork reservation is a wish, not a need.
+            if not plan.fits and not (not self.running and plan.fits_without_reserve):
+                if not self.running:
                     self.waiting.popleft()
-                    msg = f"request needs {plan.need} KV blocks, the pool has {self.kv.num_blocks}"
+                    msg = f"request needs {plan.need - plan.reserve} KV blocks, the pool has {self.kv.num_blocks}"
                     batch.out.rejected.append((state, msg))
                     continue
                 break

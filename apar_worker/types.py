@@ -10,6 +10,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
+# The KV block sizes the engine allows; the pool-invariant and HF-parity tests run at each.
+# Smaller blocks waste less of each live branch's last, partly filled block (APAR has many
+# live branches), at the price of longer block tables.
+BLOCK_SIZES = (4, 8, 16, 32)
+
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 
 # The APAR control tokens (docs/design.md, "Decoding contract"): a branch samples `[Fork]` to

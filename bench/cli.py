@@ -52,6 +52,12 @@ def _chaos(args: argparse.Namespace) -> int:
     return chaos.main(args)
 
 
+def _burst(args: argparse.Namespace) -> int:
+    from bench import burst
+
+    return burst.main(args)
+
+
 def _engine(args: argparse.Namespace) -> int:
     from bench import engine_vs_hf
 
@@ -71,7 +77,7 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from bench import autoscale, chaos, load, speed
+    from bench import autoscale, burst, chaos, load, speed
 
     parser = sub.add_parser("bench", help="benchmarks: APAR vs the twin, transformers and vLLM-CPU")
     bsub = parser.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=type(parser))
@@ -94,6 +100,12 @@ def register(sub: Any) -> None:
     )
     chaos.add_arguments(p)
     p.set_defaults(func=_guard(_chaos))
+
+    p = bsub.add_parser(
+        "burst", help="a burst of requests into a fixed KV pool: concurrency and burst time, APAR vs twin"
+    )
+    burst.add_arguments(p)
+    p.set_defaults(func=_guard(_burst))
 
     p = bsub.add_parser("engine", help="our engine vs transformers generate on a random tiny Llama")
     p.add_argument("--quick", action="store_true", help="fewer tokens (smoke run)")

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from apar_worker.types import BLOCK_SIZES
 from cluster.redis_url import redis_url_problem
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default_config.yaml"
@@ -31,10 +32,7 @@ WORKER_DEPLOYMENT = "AparWorker"
 ROUTER_CLASS = "cluster.router:AparRouter"
 # Ray Serve's gRPC proxy registers these servicers; methods of both are served by AparIngress,
 # which gets each request's raw bytes and decodes them itself (see cluster/grpc_service.py).
-GRPC_SERVICER_FUNCTIONS = [
-    "cluster.grpc_service.add_apar_service",
-    "cluster.grpc_service.add_health_service",
-]
+GRPC_SERVICER_FUNCTIONS = [f"cluster.grpc_service.add_{name}_service" for name in ("apar", "health")]
 
 
 class ConfigError(ValueError):
@@ -199,7 +197,7 @@ def _positive(cfg: ServeAppConfig) -> None:
     """Range checks that types alone cannot express."""
     # Over 50 lines on purpose: a flat table, one line per key, reads better than split parts.
     checks: list[tuple[str, bool]] = [
-        ("engine.block_size", cfg.engine.block_size > 0),
+        ("engine.block_size", cfg.engine.block_size in BLOCK_SIZES),
         ("engine.num_blocks", cfg.engine.num_blocks is None or cfg.engine.num_blocks > 0),
         ("engine.kv_cache_memory_mb", cfg.engine.kv_cache_memory_mb > 0),
         ("engine.max_num_batched_tokens", cfg.engine.max_num_batched_tokens > 0),
@@ -234,7 +232,8 @@ def _positive(cfg: ServeAppConfig) -> None:
         if not ok:
             section, name = key.split(".")
             value = getattr(getattr(cfg, section), name)
-            raise ConfigError(f"{key}: value {value!r} out of range")
+            allowed = f" (one of {', '.join(map(str, BLOCK_SIZES))})" if key == "engine.block_size" else ""
+            raise ConfigError(f"{key}: value {value!r} out of range{allowed}")
     problem = redis_url_problem(cfg.redis.url) if cfg.redis.url is not None else None
     if problem:
         raise ConfigError(f"redis.url: {problem}")

@@ -98,6 +98,7 @@ def test_build_app_applies_deployment_options():
         ({"engine": {"blocksize": 16}}, "engine.blocksize: unknown key"),
         ({"engine": {"block_size": "16"}}, "engine.block_size: expected an integer"),
         ({"engine": {"block_size": 0}}, "engine.block_size: value 0 out of range"),
+        ({"engine": {"block_size": 12}}, "engine.block_size: value 12 out of range (one of 4, 8, 16, 32)"),
         ({"engine": {"enable_prefix_caching": "yes"}}, "engine.enable_prefix_caching: expected true/false"),
         ({"engine": {"device": "tpu"}}, "engine.device"),
         ({"engine": []}, "engine: expected a mapping"),

@@ -9,7 +9,13 @@ import torch
 from engine_utils import make_model, make_tokenizer
 
 from apar_worker.engine import Engine, EngineConfig
-from apar_worker.types import GenerateRequest, InvalidRequestError, ModelLoadError, SamplingParams
+from apar_worker.types import (
+    BLOCK_SIZES,
+    GenerateRequest,
+    InvalidRequestError,
+    ModelLoadError,
+    SamplingParams,
+)
 
 FORK, CHILD = 1, 2
 
@@ -31,13 +37,19 @@ def assert_pool_empty(engine: Engine) -> None:
     assert all(c == 0 for c in engine.pool.ref_counts)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_no_fork_matches_hf_generate_with_joins_and_preemption(family):
+# Every model family at the smallest block size, and every allowed block size on llama.
+FAMILY_BLOCKS = [(f, 4) for f in ("llama", "qwen2", "gpt2")] + [
+    ("llama", bs) for bs in BLOCK_SIZES if bs != 4
+]
+
+
+@pytest.mark.parametrize("family,bs", FAMILY_BLOCKS)
+def test_no_fork_matches_hf_generate_with_joins_and_preemption(family, bs):
     model = make_model(family)
     ref = reference(model)
-    # 40 blocks of 4 slots = 160 slots for ~450 tokens of demand: preemption is forced.
+    # 128 slots for ~450 tokens of demand: preemption is forced.
     engine = Engine.from_model(
-        model, make_tokenizer(control_tokens=False), EngineConfig(block_size=4, num_blocks=40)
+        model, make_tokenizer(control_tokens=False), EngineConfig(block_size=bs, num_blocks=128 // bs)
     )
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 60, 17, 33, 9, 48, 26, 3, 40)]
@@ -78,20 +90,20 @@ def forcing_hook(force: set[tuple[int, int]], record: list):
     return hook
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_fork_branch_logits_equal_hf_on_visible_context(family):
+@pytest.mark.parametrize("family,bs,n", [("gpt2", 16, 21)] + [("llama", bs, 22) for bs in BLOCK_SIZES])
+def test_fork_branch_logits_equal_hf_on_visible_context(family, bs, n):
     model = make_model(family, seed=3)
     ref = reference(model)
     record: list = []
-    # prompt of 21 tokens, block 16: the root's fork at output 3 is position 24, mid-block.
+    # prompt of n tokens: the root's fork at output 3 is position n + 3, inside a block.
     force = {(0, 3), (0, 7), (1, 4), (2, 2)}
     engine = Engine.from_model(
         model,
         make_tokenizer(),
-        EngineConfig(block_size=16, num_blocks=64),
+        EngineConfig(block_size=bs, num_blocks=1024 // bs),
         logits_hook=forcing_hook(force, record),
     )
-    prompt = list(range(5, 26))
+    prompt = list(range(5, 5 + n))
     out = engine.generate(
         [GenerateRequest(prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=48, ignore_eos=True))]
     )[0]
@@ -100,7 +112,7 @@ def test_fork_branch_logits_equal_hf_on_visible_context(family):
     assert {b.parent for b in out.branches} == {None, 0, 1, 2}
     depth2 = [b for b in out.branches if b.parent is not None and by_id[b.parent].parent is not None]
     assert depth2, "expected a depth-2 branch"
-    assert (len(prompt) + 3) % 16 != 0  # the first fork lands inside a block
+    assert (len(prompt) + 3) % bs != 0  # the first fork lands inside a block
     worst = 0.0
     for branch_id, context, logits in record:
         if branch_id != 0:
@@ -166,14 +178,16 @@ def test_four_way_fork_shares_the_context_blocks():
     assert_pool_empty(engine)
 
 
-def test_blocks_return_after_cancel_max_tokens_and_preemption():
+@pytest.mark.parametrize("bs", BLOCK_SIZES)
+def test_blocks_return_after_cancel_max_tokens_and_preemption(bs):
     model = make_model("qwen2", seed=6)
     record: list = []
     force = {(0, 2), (0, 5)}
     engine = Engine.from_model(
         model,
         make_tokenizer(),
-        EngineConfig(block_size=4, num_blocks=48),
+        # no blocks held back for forks: growth runs the pool dry and preempts at every block size
+        EngineConfig(block_size=bs, num_blocks=128 // bs, expected_forks=0),
         logits_hook=forcing_hook(force, record),
     )
     long = [

@@ -110,6 +110,22 @@ def test_prefix_hits_revive_freed_blocks_and_count_in_the_hit_rate():
     assert_all_free(kv)
 
 
+def test_branches_hitting_the_same_cached_blocks_count_them_once():
+    """A preempted forked request: every branch's context starts with the same cached blocks."""
+    kv = KVManager(8, BS)
+    prompt = list(range(3, 15))  # 3 full blocks, cached once freed
+    first, _ = admit(kv, prompt)
+    kv.free_request(first)
+    again = make_state(prompt + [7])
+    again.branches[0].tokens += [1]  # the root went on after its fork ...
+    child_of(again, again.root)  # ... and its two children share the prompt
+    child_of(again, again.root)
+    plan = kv.plan_admission(again.live_branches(), 0, 0)
+    assert [len(h) for h in plan.hits] == [3, 3, 3]
+    # 3 revived blocks leave the free list once: 8 - 3 free, each branch needs 1 block of its own
+    assert (plan.need, plan.available, plan.fits) == (3, 5, True)
+
+
 def test_prefix_caching_off_never_matches():
     kv = KVManager(8, BS, enable_prefix_caching=False)
     prompt = list(range(3, 15))

@@ -143,3 +143,15 @@ def test_every_block_comes_back_after_remove():
         sched.remove(s)
         assert s.status is RequestStatus.FINISHED
     assert sched.kv.num_free == sched.kv.num_blocks and not sched.running and not sched.waiting
+
+
+def test_a_request_alone_is_admitted_when_only_its_fork_reservation_does_not_fit():
+    sched = make(4, expected_forks=4)  # 3 usable blocks (watermark 1); prompt 2 blocks + 4 held back
+    a = add(sched, "a", 8, fork=True)
+    out = run_step(sched)
+    assert plan(out) == [("a", 8)] and not out.rejected and a.status is RequestStatus.RUNNING
+    # ... but one that cannot fit even without its reservation is rejected, with the real need
+    sched = make(4, expected_forks=4)
+    add(sched, "b", 13, fork=True)
+    out = run_step(sched)
+    assert [msg for _, msg in out.rejected] == ["request needs 4 KV blocks, the pool has 4"]
