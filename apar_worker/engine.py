@@ -30,6 +30,7 @@ from apar_worker.model_runner import (
     pick_device,
 )
 from apar_worker.output import request_output
+from apar_worker.quantization import quantize_model
 from apar_worker.resume import rebuild_tree
 from apar_worker.sampling import make_generator, sample
 from apar_worker.scheduler import Scheduler, SchedulerConfig
@@ -62,6 +63,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's own
     expected_forks: int = 4
+    quantization: str | None = None  # None/"none": plain weights; "int8": apar_worker.quantization
 
 
 class Engine:
@@ -79,6 +81,7 @@ class Engine:
             model, tokenizer = load_model_and_tokenizer(config.model, device, parse_dtype(config.dtype))
         if tokenizer is None:
             raise ValueError("a tokenizer is required with an in-memory model")
+        quantize_model(model, config.quantization)  # in place; a no-op unless "int8"
         self.tokenizer = tokenizer
         self.logits_hook = logits_hook
         shape = model_shape(model)

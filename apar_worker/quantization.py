@@ -1,0 +1,114 @@
+"""Weight-only int8 linear layers (`EngineConfig.quantization = "int8"`), off by default.
+
+A decode step of a few tokens reads every weight once and does little arithmetic with it, so
+on a CPU it costs about the weight bytes over the memory bandwidth. Int8 weights are a quarter
+of fp32's bytes. Each output channel has one symmetric scale (w ~= q * s, q in [-127, 127]);
+the product runs in torch's packed kernel `aten._weight_int8pack_mm`, which dequantizes in
+registers. Its fast CPU path takes bfloat16 activations (float32 and float16 ones run a scalar
+loop, 5-20x slower), so inputs are cast to bfloat16 and outputs back to the model's dtype.
+
+Where the kernel is missing or fails on the model's device, `quantize_model` logs a warning
+and leaves the model as it is (the plain path), so a config that asks for int8 still serves.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from apar_worker.types import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "int8")
+COMPUTE_DTYPE = torch.bfloat16  # the activation dtype of the kernel's vectorised CPU path
+_K_MULTIPLE = 16  # the CPU kernel steps over K by 16 (AVX-512) with no tail: other K give garbage
+
+
+def parse_quantization(value: str | None) -> str | None:
+    """None / "none" -> None (plain weights); "int8" -> "int8"; anything else is an error."""
+    if value is None or value == "none":
+        return None
+    if value in QUANTIZATIONS:
+        return value
+    raise ModelLoadError(f"unknown quantization {value!r}; choose one of {', '.join(QUANTIZATIONS)}")
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: returns (q [N, K] int8, scales [N] float32)."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with int8 weights and per-channel scales; bias (if any) stays in full precision."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scales = quantize_weight(weight)
+        self.register_buffer("weight_int8", q.contiguous())
+        self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        # A fresh contiguous copy: the kernel reads rows with aligned loads.
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE, copy=True)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+        y = y.to(x.dtype).reshape(*lead, self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def int8_kernel_error(device: torch.device) -> str | None:
+    """None if `_weight_int8pack_mm` runs on `device` and agrees with a plain matmul (within
+    int8's error); else why not. A probe, not a version check: builds differ per device."""
+    try:
+        w = torch.linspace(-1, 1, 32 * 64, device=device).reshape(32, 64)
+        x = torch.linspace(-1, 1, 3 * 64, device=device).reshape(3, 64)
+        ref = x @ w.T
+        err = ((Int8Linear(w)(x) - ref).abs().max() / ref.abs().max()).item()
+    except (RuntimeError, NotImplementedError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None if err < 0.02 else f"kernel result is off by {err:.1%}"
+
+
+def _eligible(module: nn.Module, skip: set[int]) -> bool:
+    return isinstance(module, nn.Linear) and id(module) not in skip and module.in_features % _K_MULTIPLE == 0
+
+
+def quantize_model(model: nn.Module, quantization: str | None, *, lm_head: bool = True) -> int:
+    """Swap the model's `nn.Linear` layers for `Int8Linear` in place; returns how many.
+
+    `lm_head=True` also quantizes the output projection. When it is tied to the input
+    embeddings (SmolLM2), the layer gets its own int8 copy and the embedding table stays as is.
+    A layer whose input width the kernel cannot take is left in full precision.
+    """
+    if parse_quantization(quantization) is None:
+        return 0
+    device = next(model.parameters()).device
+    problem = int8_kernel_error(device)
+    if problem is not None:
+        log.warning("int8 weights unavailable on %s (%s); serving the unquantized model", device, problem)
+        return 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = {id(head)} if head is not None and not lm_head else set()
+    targets = [(n, m) for n, m in model.named_modules() if _eligible(m, skip)]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Int8Linear.of(linear))
+    if not targets:
+        log.warning("int8: the model has no nn.Linear layers the kernel can take; nothing quantized")
+    return len(targets)
