@@ -27,7 +27,9 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
         if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {block_size}")
+            raise ValueError(
+                f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching

@@ -20,6 +20,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def rejoin_point(br: Branch, live: set[int]) -> int | None:
+    """Where a child admitted together with its parent (ids in `live`) shares the parent's K/V
+    up to: its [Fork] position. None for a root, or a child whose parent has ended."""
+    if br.parent is None or id(br.parent) not in live:
+        return None
+    return br.own_start - 1
+
+
 @dataclass
 class AdmissionPlan:
     """What admitting one waiting request would take, computed before anything changes."""
@@ -80,19 +88,29 @@ class KVManager:
 
     def plan_admission(self, branches: list[Branch], reserve: int, held: int) -> AdmissionPlan:
         """Blocks needed to admit `branches` plus `reserve` for their forks, against what is free
-        after `held` blocks are kept back (other requests' fork reservations, the watermark)."""
-        hits = [self.match_prefix(br) for br in branches]
-        need = reserve + sum(
-            _cdiv(len(br.tokens), self.block_size) - len(h) for br, h in zip(branches, hits, strict=True)
-        )
+        after `held` blocks are kept back (other requests' fork reservations, the watermark).
+
+        A child admitted with its live parent shares the parent's blocks up to its [Fork] again
+        (`rejoin_point`): it needs only the blocks from there on, the partly filled one included.
+        """
+        bs = self.block_size
+        live = {id(br) for br in branches}
+        need, hits = reserve, []
+        for br in branches:
+            at = rejoin_point(br, live)
+            hits.append([] if at is not None else self.match_prefix(br))
+            need += _cdiv(len(br.tokens), bs) - (at // bs if at is not None else len(hits[-1]))
         # a free cached block that several branches hit (a preempted request's shared prefix)
         # leaves the free list once
         revived = len({b for h in hits for b in h if self.pool.ref_counts[b] == 0})
         return AdmissionPlan(branches, hits, need, self.pool.num_free - revived - held, reserve)
 
     def admit(self, state: RequestState, plan: AdmissionPlan) -> None:
-        """Take the plan's cached blocks; the rest of each context is computed from there."""
+        """Take the plan's cached blocks; the rest of each context is computed from there (a
+        rejoining child waits for its parent's K/V instead)."""
+        live = {id(br) for br in plan.branches}
         for br, hits in zip(plan.branches, plan.hits, strict=True):
+            br.wait_for_parent = rejoin_point(br, live)
             for block in hits:
                 self.pool.incref(block)
             br.block_table = list(hits)
@@ -132,6 +150,14 @@ class KVManager:
         br.num_computed += n
         for block, h in self._hash_full_blocks(br):
             self.pool.register(block, h)
+
+    def rejoin(self, state: RequestState) -> None:
+        """Waiting children whose parent has computed their shared prefix take it (after commit)."""
+        for br in state.live_branches():
+            at = br.wait_for_parent
+            if at is not None and br.parent is not None and br.parent.num_computed >= at:
+                self.fork(br.parent, br, at)
+                br.wait_for_parent = None
 
     def fork(self, parent: Branch, child: Branch, position: int) -> None:
         """The child shares the parent's computed blocks through `position` (exclusive)."""

@@ -1,8 +1,8 @@
 """Resume, not replay: rebuild a request's branch tree from tokens another replica produced.
 
 The rebuilt request is exactly a preempted one (docs/design.md, "Scheduling contract"): every
-branch has its whole context and no K/V, so admission prefills all of them together in one
-batched prefill, and decoding continues from each branch's last token. Branches that had ended
+branch has its whole context and no K/V; admission prefills them, each child rejoining its
+parent's blocks, and decoding continues from each branch's last token. Branches that had ended
 stay ended. Greedy decoding continues as if nothing happened; with sampling the continuation is
 a fresh draw (per-branch generators restart), never a repeat of tokens already sent.
 """

@@ -127,14 +127,18 @@ class Scheduler:
     def _schedule_running(self, state: RequestState, batch: _Batch, short: bool) -> bool:
         """Schedule the pending tokens of one running request's branches of one kind (short:
         at most MAX_BATCHED_QUERY tokens); False if the request itself had to be preempted."""
+        self.kv.rejoin(state)
+        hold = _holds_back(state)
         for br in state.live_branches():
             if batch.budget == 0:
                 break
-            if id(br) in batch.chunks or br.num_pending == 0:
+            if id(br) in batch.chunks or br.num_pending == 0 or br.wait_for_parent is not None:
                 continue
             if short != (br.num_pending <= MAX_BATCHED_QUERY):
                 continue
-            n = min(br.num_pending, batch.budget)
+            n = min(br.num_pending - hold, batch.budget)
+            if n <= 0:
+                continue
             copies = self.kv.allocate(br, n)
             while copies is None:  # out of blocks: preempt the newest request, then try again
                 victim = self.running[-1]
@@ -169,10 +173,14 @@ class Scheduler:
             state.status = RequestStatus.RUNNING
             self.running.append(state)
             self.kv.admit(state, plan)
+            self.kv.rejoin(state)
+            hold = _holds_back(state)
             for br in live:
                 if batch.budget == 0:
                     break
-                n = min(br.num_pending, batch.budget)
+                n = min(br.num_pending - hold, batch.budget)
+                if br.wait_for_parent is not None or n <= 0:
+                    continue
                 copies = self.kv.allocate(br, n)
                 if copies is None:  # cannot happen after the plan fitted
                     raise RuntimeError("admission check passed but blocks ran out")
@@ -188,3 +196,10 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(state)
         batch.out.preempted.append(state)
+
+
+def _holds_back(state: RequestState) -> int:
+    """1 while some branch of the request waits to rejoin its parent: the others then stop short
+    of their last token, so every branch samples its next token in the same step, as if the
+    request had never been preempted (the shared max_tokens budget ends it the same way)."""
+    return int(any(br.wait_for_parent is not None for br in state.live_branches()))

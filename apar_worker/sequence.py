@@ -37,6 +37,9 @@ class Branch:
     detok: object | None = None  # IncrementalDetokenizer when text is tracked per step
     text: str = ""  # tracked text (only for stream/stop-string requests)
     generator: object | None = None  # torch.Generator for seeded sampling
+    # A re-admitted (preempted or resumed) child whose parent is live again: it computes
+    # nothing until the parent's K/V reach this position, then shares them as at its fork.
+    wait_for_parent: int | None = None
 
     @property
     def output_ids(self) -> list[int]:

@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 model=str(path),
                 device="cpu",
                 kv_cache_memory_mb=args.kv_mb,
+                num_blocks=args.num_blocks,  # None: sized from kv_mb
                 block_size=args.block_size,
                 enable_prefix_caching=False,  # every request pays for its own prompt, in both systems
             )
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "baseline": args.baseline,
             "num_requests": args.num_requests,
             "kv_mb": args.kv_mb,
+            "num_blocks": a.pool_blocks,
             "block_size": args.block_size,
             "max_tokens": args.max_tokens,
             "threads": args.threads,
@@ -169,15 +171,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="default: the held-out split")
     p.add_argument("--num-requests", type=int, default=32, metavar="N")
     p.add_argument("--kv-mb", type=int, default=64, help="the KV pool of each system, MB (default 64)")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=None, help="the pool in blocks (overrides --kv-mb)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (4, 8, 16 or 32)")
     p.add_argument("--max-tokens", type=int, default=320, metavar="N")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(RESULTS_DIR / "burst.json"), metavar="OUT")
 
 
 def main(args: argparse.Namespace) -> int:
-    if min(args.num_requests, args.kv_mb, args.block_size, args.max_tokens, args.threads) < 1:
-        raise BenchError("--num-requests, --kv-mb, --block-size, --max-tokens and --threads must be positive")
+    from apar_worker.types import BLOCK_SIZES
+
+    if min(args.num_requests, args.kv_mb, args.num_blocks or 1, args.max_tokens, args.threads) < 1:
+        raise BenchError("--num-requests, --kv-mb, --num-blocks, --max-tokens and --threads must be positive")
+    if args.block_size not in BLOCK_SIZES:
+        raise BenchError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
     result = run(args)
     print()
     print_report(result)

@@ -134,6 +134,26 @@ def test_speed_harness_end_to_end(fork_model, tmp_path, capsys, monkeypatch):
     assert png.stat().st_size > 1000
 
 
+def test_burst_harness_end_to_end(fork_model, tmp_path, capsys):
+    out = tmp_path / "burst.json"
+    argv = ["bench", "burst", "--model", str(fork_model), "--baseline", str(fork_model)]
+    argv += ["--num-requests", "6", "--num-blocks", "24", "--block-size", "4", "--max-tokens", "24"]
+    assert apar(argv + ["--threads", "1", "--json", str(out)]) == 0
+    assert "sooner than the twin" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    runs = {r["system"]: r for r in data["runs"]}
+    assert set(runs) == {"apar", "twin"}
+    for r in runs.values():
+        assert r["pool_blocks"] == 24 and r["free_blocks_at_end"] == 24  # every block came back
+        assert sum(r["finish_reasons"].values()) == 6 and r["truncated"] == 0
+        assert 1 <= r["max_running"] <= 6 and 0 < r["mean_running"] <= r["max_running"]
+        assert 0 < r["peak_blocks"] <= 24 and r["output_tokens"] > 0
+    assert runs["twin"]["preemptions"] > 0, "24 blocks of 4 cannot hold 6 requests: the pool is the limit"
+    q = data["ratios"]
+    assert q["burst_time_twin_over_apar"] == pytest.approx(runs["twin"]["wall_s"] / runs["apar"]["wall_s"])
+    assert apar(argv + ["--block-size", "12"]) == 2
+
+
 def test_bench_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert apar(["bench", "load", "--server", "10.1.2.3:50051"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

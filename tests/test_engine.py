@@ -218,6 +218,39 @@ def test_blocks_return_after_cancel_max_tokens_and_preemption(bs):
     assert_pool_empty(engine)
 
 
+def test_a_preempted_forked_request_resumes_its_tree_exactly():
+    """Preempted after forking, the request is recomputed with each child rejoining its parent's
+    blocks (the tree's shared prefix is stored once), and ends exactly as it would have."""
+    model = make_model("llama", seed=3)
+    force = {(0, 3), (0, 7), (1, 4), (2, 2)}
+
+    def forked() -> GenerateRequest:
+        sampling = SamplingParams(max_tokens=48, ignore_eos=True)
+        return GenerateRequest(prompt_token_ids=list(range(5, 26)), request_id="f", sampling=sampling)
+
+    big = Engine.from_model(model, make_tokenizer(), EngineConfig(block_size=4, num_blocks=256))
+    big.logits_hook = forcing_hook(force, [])
+    ref = big.generate([forked()])[0]
+    # 21 blocks of 4: the first request's growth preempts the forked one, which fits again only
+    # if its branches share their prefix (recomputed per branch, it needed 20 blocks: rejected)
+    engine = Engine.from_model(
+        model,
+        make_tokenizer(),
+        EngineConfig(block_size=4, num_blocks=21, expected_forks=0),
+        logits_hook=forcing_hook(force, []),
+    )
+    other = GenerateRequest(
+        prompt_token_ids=list(range(100, 130)),
+        fork=False,
+        sampling=SamplingParams(max_tokens=40, ignore_eos=True),
+    )
+    out = engine.generate([other, forked()])[1]
+    assert out.num_preemptions >= 1 and out.error is None and len(out.branches) == 5
+    assert out.text == ref.text
+    assert [b.token_ids for b in out.branches] == [b.token_ids for b in ref.branches]
+    assert_pool_empty(engine)
+
+
 def test_prefix_cache_reuses_full_blocks_and_gives_same_output():
     model = make_model("llama", seed=7)
     engine = Engine.from_model(

@@ -51,18 +51,20 @@ def test_resumed_request_ends_as_if_never_interrupted(cut):
 
     second = _engine(model)
     second.add_request(_request(stream=True, resume=tree))
-    scheduled = second.scheduler.schedule  # the first step prefills every live branch at once
-    first_step = []
+    scheduled = second.scheduler.schedule
+    steps: list[set[int]] = []  # branch ids scheduled in each of the resumed run's first steps
 
     def spy():
         out = scheduled()
-        first_step.append(len(out.scheduled))
-        second.scheduler.schedule = scheduled
+        steps.append({sb.branch.id for sb in out.scheduled})
+        if len(steps) == 4:
+            second.scheduler.schedule = scheduled
         return out
 
     second.scheduler.schedule = spy
     new: dict[int, list[int]] = {}
     out = None
+    peak = 0
     while out is None:
         for item in second.step():
             if isinstance(item, RequestOutput):
@@ -72,8 +74,17 @@ def test_resumed_request_ends_as_if_never_interrupted(cut):
                 assert not (item.created and item.branch_id in sent), (
                     "an announced branch is not re-announced"
                 )
-    live = [b for b in tree if b.finish_reason is None]
-    assert first_step == [len(live)]
+        peak = max(peak, second.pool.num_blocks - second.pool.num_free)
+    live = {b.id: b for b in tree if b.finish_reason is None}
+    # The first step prefills the branches with no live parent; a child takes the shared prefix
+    # from its parent once computed (no second copy of it) and prefills its own part a step later.
+    def rejoin_step(b) -> int:
+        return 0 if b.parent not in live else 1 + rejoin_step(live[b.parent])
+
+    first_scheduled = {i: next(n for n, ids in enumerate(steps) if i in ids) for i in live}
+    assert first_scheduled == {i: rejoin_step(b) for i, b in live.items()}
+    context = len(PROMPT) + 48 + len(full.branches)  # the whole tree's tokens, [Child]s included
+    assert peak <= -(-context // 16) + len(full.branches), "the shared prefix is stored once"
     assert out.text == full.text and out.num_tokens == full.num_tokens == 48
     for b in full.branches:  # each token exactly once: what was sent, then what the resumed run sent
         assert sent.get(b.id, []) + new.get(b.id, []) == b.token_ids, b.id

@@ -111,19 +111,44 @@ def test_prefix_hits_revive_freed_blocks_and_count_in_the_hit_rate():
 
 
 def test_branches_hitting_the_same_cached_blocks_count_them_once():
-    """A preempted forked request: every branch's context starts with the same cached blocks."""
+    """A preempted forked request whose root has ended: both children's contexts start with the
+    same cached blocks (a child with a live parent rejoins it instead, see below)."""
     kv = KVManager(8, BS)
     prompt = list(range(3, 15))  # 3 full blocks, cached once freed
     first, _ = admit(kv, prompt)
     kv.free_request(first)
     again = make_state(prompt + [7])
-    again.branches[0].tokens += [1]  # the root went on after its fork ...
-    child_of(again, again.root)  # ... and its two children share the prompt
     child_of(again, again.root)
+    again.root.tokens += [1]
+    child_of(again, again.root)
+    again.root.finish_reason = "stop"
     plan = kv.plan_admission(again.live_branches(), 0, 0)
-    assert [len(h) for h in plan.hits] == [3, 3, 3]
-    # 3 revived blocks leave the free list once: 8 - 3 free, each branch needs 1 block of its own
-    assert (plan.need, plan.available, plan.fits) == (3, 5, True)
+    assert [len(h) for h in plan.hits] == [3, 3]
+    # 3 revived blocks leave the free list once: 8 - 3 free, each child needs 1 block of its own
+    assert (plan.need, plan.available, plan.fits) == (2, 5, True)
+
+
+def test_a_child_admitted_with_its_parent_rejoins_its_blocks():
+    kv = KVManager(16, BS)
+    state = make_state(list(range(3, 13)) + [1])  # 10 prompt tokens and a [Fork] at position 10
+    child = child_of(state, state.root)  # context: 11 tokens + [Child]
+    child.tokens += [5, 6, 7]
+    state.root.tokens += [8, 9]
+    plan = kv.plan_admission(state.live_branches(), 0, 0)
+    # root: 13 tokens = 4 blocks; child: from its [Fork] at 10, the partly filled block 2 onwards
+    assert plan.hits == [[], []] and plan.need == 4 + (4 - 10 // BS)
+    kv.admit(state, plan)
+    assert child.wait_for_parent == 10 and child.block_table == []
+    kv.rejoin(state)
+    assert child.wait_for_parent == 10, "nothing to share before the parent computed it"
+    assert kv.allocate(state.root, 12) == []
+    kv.commit(state.root, 12)
+    kv.rejoin(state)
+    assert child.wait_for_parent is None and child.num_computed == 10
+    assert child.block_table == state.root.block_table[:3]
+    assert [kv.pool.ref_counts[b] for b in child.block_table] == [2, 2, 2]
+    kv.free_request(state)
+    assert_all_free(kv)
 
 
 def test_prefix_caching_off_never_matches():
