@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from apar_worker.cascade import attend_with_lse, find_groups, merge
 from apar_worker.kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "apar_paged"
@@ -48,12 +49,17 @@ class AttentionMetadata:
     dec_mask: torch.Tensor | None = None  # [B, 1, Q, NB * block_size] additive (0 / -inf)
     dec_valid: torch.Tensor | None = None  # [B*Q] which padded query rows are real
     dec_tok: torch.Tensor | None = None  # [N] flat token index of each real row
+    # Cascade: (flat token indices, shared prefix blocks) per group of rows sharing a prefix;
+    # the batched rows above then hold only each row's blocks after its group's prefix.
+    dec_groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     # Long-query sequences: (start, end, blocks [NB], context length, mask [1, q, L] or None if causal)
     long: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]] | None = None
     attended_tokens: int = 0  # sum over query tokens of keys attended (attention work metric)
 
     @classmethod
-    def build(cls, seqs: list[SeqSlice], block_size: int, device: torch.device) -> AttentionMetadata:
+    def build(
+        cls, seqs: list[SeqSlice], block_size: int, device: torch.device, cascade: bool = False
+    ) -> AttentionMetadata:
         slot_mapping: list[int] = []
         short: list[SeqSlice] = []
         long = []
@@ -84,15 +90,25 @@ class AttentionMetadata:
             attended_tokens=attended,
         )
         if short:
-            meta._build_short(short, bs, device)
+            meta._build_short(short, bs, device, cascade)
         return meta
 
-    def _build_short(self, seqs: list[SeqSlice], bs: int, device: torch.device) -> None:
+    def _build_short(self, seqs: list[SeqSlice], bs: int, device: torch.device, cascade: bool) -> None:
         b = len(seqs)
         q = max(s.end - s.start for s in seqs)
-        nb = max(-(-(s.first_position + s.end - s.start) // bs) for s in seqs)
+        groups = (
+            find_groups([s.block_table for s in seqs], [s.first_position for s in seqs], bs)
+            if cascade
+            else []
+        )
+        skip = [0] * b  # blocks of each row attended in its group's shared-prefix pass instead
+        for g in groups:
+            for i in g.rows:
+                skip[i] = g.num_blocks
+        nb = max(-(-(s.first_position + s.end - s.start) // bs) - k for s, k in zip(seqs, skip, strict=True))
         q_idx = torch.zeros((b, q), dtype=torch.long)
-        qpos = torch.full((b, q), 0, dtype=torch.long)
+        offset = torch.tensor(skip, dtype=torch.long) * bs  # position of each row's first key
+        qpos = offset[:, None].repeat(1, q)
         valid = torch.zeros((b, q), dtype=torch.bool)
         blocks = []
         for i, s in enumerate(seqs):
@@ -100,11 +116,12 @@ class AttentionMetadata:
             q_idx[i, :n] = torch.arange(s.start, s.end)
             qpos[i, :n] = torch.arange(s.first_position, s.first_position + n)
             valid[i, :n] = True
-            row = s.block_table[: -(-(s.first_position + n) // bs)]
+            row = s.block_table[skip[i] : -(-(s.first_position + n) // bs)]
             blocks.extend(row)
             blocks.extend([row[0]] * (nb - len(row)))  # padding: masked out below
-        # Padded query rows get position 0: they attend to one key (no NaN) and are dropped.
-        allowed = torch.arange(nb * bs)[None, None, :] <= qpos[:, :, None]
+        # Padded query rows sit at their first key's position: they attend to one key (no NaN)
+        # and are dropped.
+        allowed = torch.arange(nb * bs)[None, None, :] + offset[:, None, None] <= qpos[:, :, None]
         mask = torch.zeros(allowed.shape).masked_fill_(~allowed, -math.inf)
         valid_flat = valid.reshape(-1)
         self.dec_q_idx = q_idx.to(device)
@@ -113,6 +130,14 @@ class AttentionMetadata:
         self.dec_mask = mask[:, None].to(device)
         self.dec_valid = valid_flat.to(device)
         self.dec_tok = q_idx.reshape(-1)[valid_flat].to(device)
+        if groups:
+            self.dec_groups = [
+                (
+                    torch.cat([torch.arange(seqs[i].start, seqs[i].end) for i in g.rows]).to(device),
+                    torch.tensor(g.blocks, dtype=torch.long, device=device),
+                )
+                for g in groups
+            ]
 
 
 class _ForwardContext:
@@ -156,11 +181,14 @@ def paged_attention(
         qb = q[:, meta.dec_q_idx].transpose(0, 1)  # [B, H, Q, D]
         kb = k_cache.index_select(1, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
         vb = v_cache.index_select(1, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
-        ob = F.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa
-        )
-        ob = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
-        out[meta.dec_tok] = ob[meta.dec_valid]
+        if meta.dec_groups:
+            _cascade(out, q, qb, kb, vb, k_cache, v_cache, meta, scaling or head_dim**-0.5)
+        else:
+            ob = F.scaled_dot_product_attention(
+                qb, kb, vb, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa
+            )
+            ob = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
+            out[meta.dec_tok] = ob[meta.dec_valid]
     for start, end, blocks, ctx, mask in meta.long or ():
         qs = q[None, :, start:end]
         ks = k_cache.index_select(1, blocks).view(kvh, -1, head_dim)[None, :, :ctx]
@@ -170,6 +198,23 @@ def paged_attention(
         )
         out[start:end] = os_[0].transpose(0, 1)
     return out[None], None
+
+
+def _cascade(out, q, qb, kb, vb, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> None:
+    """The short rows over their own blocks, then each group's queries over its shared prefix
+    once, merged by log-sum-exp (apar_worker/cascade.py)."""
+    kvh, _, bs, head_dim = k_cache.shape
+    ob, lse = attend_with_lse(qb, kb, vb, meta.dec_mask, scale)
+    num_heads = q.shape[0]
+    out[meta.dec_tok] = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)[meta.dec_valid]
+    lse_rows = lse.transpose(1, 2).reshape(-1, num_heads)[meta.dec_valid]  # [N, H]
+    lse_flat = q.new_zeros((out.shape[0], num_heads))
+    lse_flat[meta.dec_tok] = lse_rows
+    for tok, blocks in meta.dec_groups or ():
+        kp = k_cache.index_select(1, blocks).view(kvh, -1, head_dim)
+        vp = v_cache.index_select(1, blocks).view(kvh, -1, head_dim)
+        op, lse_p = attend_with_lse(q[:, tok], kp, vp, None, scale)  # [H, N, D], [H, N]
+        out[tok] = merge(op.transpose(0, 1), lse_p.T, out[tok], lse_flat[tok])
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

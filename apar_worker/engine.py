@@ -63,6 +63,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's own
     expected_forks: int = 4
+    cascade_attention: bool = True  # sibling branches attend their shared prefix once (cascade.py)
     quantization: str | None = None  # None/"none": plain weights; "int8": apar_worker.quantization
 
 
@@ -99,7 +100,7 @@ class Engine:
             param.dtype,
             param.device,
         )
-        self.runner = ModelRunner(model, kv_cache)
+        self.runner = ModelRunner(model, kv_cache, config.cascade_attention)
         self.scheduler = Scheduler(
             self.kv,
             SchedulerConfig(

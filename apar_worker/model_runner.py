@@ -87,10 +87,11 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, kv_cache: KVCache) -> None:
+    def __init__(self, model: PreTrainedModel, kv_cache: KVCache, cascade_attention: bool = False) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
         self.kv_cache = kv_cache
+        self.cascade_attention = cascade_attention  # shared prefixes attended once (apar_worker/cascade.py)
         self.device = next(model.parameters()).device
 
     @staticmethod
@@ -112,7 +113,9 @@ class ModelRunner:
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Make the step's copy-on-write copies, run the forward; float32 logits [rows, vocab]."""
         self.kv_cache.copy_blocks(batch.copies)
-        meta = AttentionMetadata.build(batch.seqs, self.kv_cache.block_size, self.device)
+        meta = AttentionMetadata.build(
+            batch.seqs, self.kv_cache.block_size, self.device, self.cascade_attention
+        )
         batch.meta = meta
         ids = torch.tensor([batch.input_ids], dtype=torch.long, device=self.device)
         pos = torch.tensor([batch.positions], dtype=torch.long, device=self.device)
