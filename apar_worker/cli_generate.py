@@ -32,6 +32,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "int8"],
+        help="int8: weight-only int8 linear layers",
+    )
+    p.add_argument(
         "--server", default=None, metavar="HOST:PORT", help="call an `apar serve` cluster over gRPC"
     )
     p.add_argument("--session-id", default=None, help="conversation id for replica affinity (--server)")
@@ -110,7 +116,11 @@ def run_local(args: argparse.Namespace) -> int:
     try:
         request = build_request(args, stream=live)
         request.validate()
-        engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+        engine = Engine(
+            EngineConfig(
+                model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization
+            )
+        )
         start = time.monotonic()
         engine.add_request(request)
     except AparError as exc:

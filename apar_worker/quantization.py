@@ -7,6 +7,12 @@ the product runs in torch's packed kernel `aten._weight_int8pack_mm`, which dequ
 registers. Its fast CPU path takes bfloat16 activations (float32 and float16 ones run a scalar
 loop, 5-20x slower), so inputs are cast to bfloat16 and outputs back to the model's dtype.
 
+That kernel works in blocks of 4 rows and dequantizes the weights again for each block, so its
+cost grows with the rows: past `KERNEL_MAX_ROWS` a layer instead multiplies by the int8 values
+as a bfloat16 matrix (exact: |q| <= 127) where the CPU has AMX tiles or on CUDA, float32
+elsewhere, and scales the output. The two paths round differently, so with int8 a row's
+logits depend slightly on how many rows share its step (fp32 GEMMs already do, less).
+
 Where the kernel is missing or fails on the model's device, `quantize_model` logs a warning
 and leaves the model as it is (the plain path), so a config that asks for int8 still serves.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from apar_worker.types import ModelLoadError
@@ -25,6 +32,15 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "int8")
 COMPUTE_DTYPE = torch.bfloat16  # the activation dtype of the kernel's vectorised CPU path
 _K_MULTIPLE = 16  # the CPU kernel steps over K by 16 (AVX-512) with no tail: other K give garbage
+KERNEL_MAX_ROWS = 8  # measured on SmolLM2's layers: past 8 rows the dequantized matmul is faster
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The matmul dtype of the many-row path: bfloat16 where it is fast (AMX, CUDA), else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return torch.bfloat16 if device.type == "cpu" and amx() else torch.float32
 
 
 def parse_quantization(value: str | None) -> str | None:
@@ -54,6 +70,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q.contiguous())
         self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        self.wide_dtype = wide_dtype(weight.device)
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:
@@ -61,9 +78,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        # A fresh contiguous copy: the kernel reads rows with aligned loads.
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE, copy=True)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= KERNEL_MAX_ROWS:
+            # A fresh contiguous copy: the kernel reads rows with aligned loads.
+            y = torch.ops.aten._weight_int8pack_mm(
+                x2.to(COMPUTE_DTYPE, copy=True), self.weight_int8, self.scales
+            )
+        else:
+            wd = self.wide_dtype
+            y = F.linear(x2.to(wd), self.weight_int8.to(wd)).float() * self.scales.float()
         y = y.to(x.dtype).reshape(*lead, self.out_features)
         return y + self.bias if self.bias is not None else y
 

@@ -62,6 +62,12 @@ def register(sub: Any) -> None:
         help="use this Redis (default: $APAR_REDIS_URL, else start one)",
     )
     p.add_argument(
+        "--quantization",
+        choices=["none", "int8"],
+        default=None,
+        help="weights of the worker engines: int8 = weight-only int8 linear layers (default: the config's, fp32)",
+    )
+    p.add_argument(
         "--num-cpus",
         type=float,
         default=None,
@@ -80,6 +86,7 @@ def _load(args: argparse.Namespace) -> ServeAppConfig:
         http_port=args.http_port,
         http__host=args.host,  # local mode: --host, not the config's (0.0.0.0 for pods)
         redis_url=args.redis_url or os.environ.get("APAR_REDIS_URL") or None,
+        engine__quantization=args.quantization,
     )
 
 

@@ -50,6 +50,7 @@ class EngineSection:
     max_num_seqs: int
     enable_prefix_caching: bool
     max_model_len: int | None
+    quantization: str | None
 
 
 @dataclass
@@ -239,6 +240,8 @@ def _positive(cfg: ServeAppConfig) -> None:
         raise ConfigError(f"redis.url: {problem}")
     if cfg.engine.device not in ("auto", "cpu", "cuda") and not cfg.engine.device.startswith("cuda:"):
         raise ConfigError(f"engine.device: expected auto, cpu or cuda[:N], got {cfg.engine.device!r}")
+    if cfg.engine.quantization not in (None, "none", "int8"):  # apar_worker.quantization.QUANTIZATIONS
+        raise ConfigError(f"engine.quantization: {cfg.engine.quantization!r} is not null, none or int8")
     if cfg.worker.autoscaling_config is not None:
         from ray.serve.config import AutoscalingConfig
 
@@ -293,12 +296,7 @@ def load_config_dict(data: dict[str, Any] | None, **overrides: Any) -> ServeAppC
     for name, value in overrides.items():
         if value is None:
             continue  # an unset CLI flag
-        if name in _ALIASES:
-            section, key = _ALIASES[name]
-        elif "__" in name:
-            section, key = name.split("__", 1)
-        else:
-            section, key = "", name
+        section, key = _ALIASES.get(name) or (name.split("__", 1) if "__" in name else ("", name))
         if section:
             if not isinstance(merged.get(section), dict):
                 raise ConfigError(f"{section}: unknown section in override {name!r}")

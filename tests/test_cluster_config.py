@@ -75,6 +75,7 @@ def test_user_file_is_merged_over_defaults_and_overrides_win(tmp_path):
     assert cfg.worker.num_replicas == 3 and cfg.worker.autoscaling_config is None  # explicit count wins
     assert cfg.grpc.port == 7000 and cfg.redis.url.endswith("@r:6379/0") and cfg.engine.dtype == "bfloat16"
     assert load_config(str(path), model=None).model == "some-dir"  # None = flag not given
+    assert load_config(None, engine__quantization="int8").engine_kwargs()["quantization"] == "int8"
 
 
 def test_build_app_applies_deployment_options():
@@ -101,6 +102,7 @@ def test_build_app_applies_deployment_options():
         ({"engine": {"block_size": 12}}, "engine.block_size: value 12 out of range (one of 4, 8, 16, 32)"),
         ({"engine": {"enable_prefix_caching": "yes"}}, "engine.enable_prefix_caching: expected true/false"),
         ({"engine": {"device": "tpu"}}, "engine.device"),
+        ({"engine": {"quantization": "int4"}}, "engine.quantization: 'int4' is not null, none or int8"),
         ({"engine": []}, "engine: expected a mapping"),
         ({"model": ""}, "model: expected a non-empty string"),
         ({"worker": {"num_replicas": 0}}, "worker.num_replicas"),

@@ -531,6 +531,7 @@ INVALID = [
     ),
     ({"redis": {"deploy": False}}, "/redis/external/url", "pattern"),
     ({"apar": {"engine": {"devic": "cpu"}}}, "/apar/engine", "additional properties 'devic' not allowed"),
+    ({"apar": {"engine": {"quantization": "int4"}}}, "/apar/engine/quantization", "value must be one of"),
     ({"image": {"tag": "latest"}}, "/image/tag", ""),
     ({"apar": {"worker": {"num_gpus": 1}}}, "set rayCluster.workers.gpus > 0", ""),
     ({"rayCluster": {"workers": {"minReplicas": 3, "maxReplicas": 2}}}, "minReplicas (3) must be <=", ""),

@@ -49,6 +49,19 @@ def test_int8_linear_matches_fp32_linear(m):
     assert rel_err(got, lin(x)) < 0.03
 
 
+@pytest.mark.parametrize("wide", [torch.bfloat16, torch.float32])
+def test_the_kernel_and_the_many_row_path_agree(wide):
+    """Up to KERNEL_MAX_ROWS rows run the packed kernel, more a dequantized matmul: same values."""
+    torch.manual_seed(0)
+    layer = q.Int8Linear(torch.randn(48, 64))
+    layer.wide_dtype = wide
+    x = torch.randn(q.KERNEL_MAX_ROWS + 1, 64)
+    few, many = layer(x[: q.KERNEL_MAX_ROWS]), layer(x)
+    assert rel_err(many[: q.KERNEL_MAX_ROWS], few) < 0.01  # bf16 rounding apart
+    want = x @ (layer.weight_int8.float() * layer.scales.float()[:, None]).T
+    assert rel_err(many, want) < 0.01
+
+
 def test_quantize_model_swaps_every_linear_and_keeps_outputs_close():
     model = make_model("llama")
     plain = copy.deepcopy(model)
