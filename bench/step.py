@@ -1,0 +1,353 @@
+"""`apar bench step`: what one engine step costs as its token count T grows (issue 14).
+
+APAR saves steps only if a step feeding many branches costs about a one-token step. Each row
+is the median wall time of the engine's real `Engine.step()` with T decode rows over a
+`--context`-token context: with 1 branch per request the rows are T requests (distinct
+prompts); with 8 branches per request, T/8 requests whose 8 sibling branches share the prompt
+blocks (forked as `[Fork]` forks). Next to them: `transformers`' own forward of T rows (batch
+T, one new token each, a DynamicCache of `--context` tokens per row) and the bandwidth floor,
+the step's weight bytes over the memory bandwidth measured in the same run (a big tensor copy).
+
+The prompts are prefilled through the first decoder layer only (the K/V values of the other
+layers stay zero): a decode step's cost does not depend on the values, and a full prefill of
+64 x 512 tokens would take minutes on a small CPU. Contexts grow by one token per timed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS_DIR, BenchError, fmt, machine, pyplot, table, write_json
+
+BRANCHES = (1, 8)
+
+
+def bandwidth_gbs(mb: int) -> float:
+    """Memory bandwidth (GB/s, read + write) of the best of 5 copies of an `mb`-MiB tensor."""
+    import torch
+
+    src = torch.ones(mb * 2**18)  # fp32: 4 bytes each
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter and buffer once, but not the input embedding
+    table (a step reads only its rows) unless the output projection is that same table."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_weight = getattr(head, "weight", None)
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t is embed and head_weight is not embed:
+            continue
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+@contextlib.contextmanager
+def first_layer_only(model):
+    """Run the model with its first decoder layer alone (fast prefill; see the module doc)."""
+    from torch import nn
+
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    name = next((n for n in ("layers", "h") if isinstance(getattr(body, n, None), nn.ModuleList)), None)
+    if name is None:
+        yield  # an unknown layout: a full prefill
+        return
+    layers = getattr(body, name)
+    setattr(body, name, layers[:1])
+    try:
+        yield
+    finally:
+        setattr(body, name, layers)
+
+
+def _add_requests(engine, n: int, context: int, seed: int) -> list:
+    import torch
+
+    from apar_worker.types import GenerateRequest, SamplingParams
+
+    gen = torch.Generator().manual_seed(seed)
+    low = min(100, engine.vocab_size // 2)
+    sampling = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
+    ids = []
+    for i in range(n):
+        prompt = torch.randint(low, engine.vocab_size, (context,), generator=gen).tolist()
+        req = GenerateRequest(
+            prompt_token_ids=prompt, fork=False, sampling=sampling, request_id=f"s{seed}-{i}"
+        )
+        engine.add_request(req)
+        ids.append(req.request_id)
+    return ids
+
+
+def _prefill(engine, n_rows: int) -> None:
+    """Step (first layer only) until every running branch has one pending token."""
+    with first_layer_only(engine.runner.model):
+        for _ in range(10_000):
+            engine.step()
+            states = list(engine.requests.values())
+            if all(b.num_pending == 1 for s in states for b in s.live_branches()):
+                if sum(len(s.live_branches()) for s in states) == n_rows:
+                    return
+        raise BenchError("prefill did not finish (KV pool too small?)")
+
+
+def _fork_siblings(engine, branches: int) -> None:
+    """Give every request `branches` sibling branches over its prompt, as `[Fork]` would."""
+    rules = engine.rules
+    if rules.ids.child is None:  # a base model has no [Child]: any id serves for timing
+        rules.ids.child = engine.vocab_size - 1
+    for state in engine.requests.values():
+        for _ in range(branches - 1):
+            rules.fork(state, state.root, [])
+
+
+def _timed(engine, rows: int, repeats: int) -> float:
+    """Median ms of `repeats` engine steps after one warm-up; each must sample `rows` tokens."""
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        out = engine.step()
+        dt = time.perf_counter() - t
+        sampled = sum(len(getattr(e, "new_token_ids", ())) for e in out)
+        if sampled != rows:
+            raise BenchError(f"a step sampled {sampled} rows, expected {rows} (preempted? raise the KV pool)")
+        if i:
+            times.append(dt * 1000)
+    return statistics.median(times)
+
+
+def engine_rows(engine, tokens: list[int], branches: int, context: int, repeats: int) -> list[dict]:
+    """One row per T (largest first: fewer requests are kept by aborting the rest)."""
+    usable = sorted((t for t in tokens if t % branches == 0), reverse=True)
+    if not usable:
+        return []
+    ids = _add_requests(engine, usable[0] // branches, context, seed=branches)
+    _prefill(engine, usable[0] // branches)
+    if branches > 1:
+        _fork_siblings(engine, branches)
+        engine.step()  # the children's [Fork] + [Child] tokens
+    out = []
+    for t in usable:
+        for rid in ids[t // branches :]:
+            engine.abort(rid)
+        ms = _timed(engine, t, repeats)
+        out.append({"tokens": t, "branches": branches, "requests": t // branches, "ms": ms})
+    for rid in ids:
+        engine.abort(rid)
+    engine.step()
+    return sorted(out, key=lambda r: r["tokens"])
+
+
+def hf_rows(model_dir: Path, tokens: list[int], context: int, repeats: int) -> list[dict]:
+    """`transformers` forward of T rows x 1 token, each over its own `context`-token DynamicCache."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    vocab = model.config.get_text_config().vocab_size
+    prompt = torch.randint(
+        min(100, vocab // 2), vocab, (1, context), generator=torch.Generator().manual_seed(0)
+    )
+    out = []
+    with torch.no_grad():
+        base = DynamicCache(config=model.config)
+        model(input_ids=prompt, cache=base, use_cache=True, logits_to_keep=1)
+        for t in tokens:
+            cache = copy.deepcopy(base)
+            cache.batch_repeat_interleave(t)
+            ids = torch.full((t, 1), 7 % vocab)
+            pos = torch.full((t, 1), context)
+            times = []
+            for i in range(repeats + 1):
+                start = time.perf_counter()
+                model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+                if i:
+                    times.append((time.perf_counter() - start) * 1000)
+                cache.crop(-1)  # drop the token just appended
+            out.append({"tokens": t, "ms": statistics.median(times)})
+    return out
+
+
+def _mode(model_dir: Path, quantization: str | None, args: argparse.Namespace, gbs: float) -> dict:
+    from apar_worker.engine import Engine, EngineConfig
+
+    rows_max = max(args.tokens)
+    growth = len(args.tokens) * (args.repeats + 1) + 4
+    per_row = -(-(args.context + growth) // 16) + 2
+    cfg = EngineConfig(
+        model=str(model_dir),
+        device="cpu",
+        quantization=quantization,
+        num_blocks=rows_max * per_row + 16,
+        max_num_batched_tokens=max(4096, rows_max),
+        max_num_seqs=max(128, rows_max),
+    )
+    engine = Engine(cfg)
+    if args.context + growth >= engine.max_model_len:
+        raise BenchError(f"--context {args.context} does not fit the model's {engine.max_model_len} tokens")
+    wbytes = weight_bytes(engine.runner.model)
+    rows = [r for b in BRANCHES for r in engine_rows(engine, args.tokens, b, args.context, args.repeats)]
+    if engine.kv.num_free != engine.kv.num_blocks:
+        raise BenchError("KV blocks leaked after the step benchmark")
+    floor = wbytes / (gbs * 1e9) * 1000
+    return {"quantization": quantization or "none", "weight_bytes": wbytes, "floor_ms": floor, "rows": rows}
+
+
+def ratios(mode: dict) -> dict[str, Any]:
+    """T-token step / 1-token step (per branches-per-request) and 1-token step / floor."""
+    one = next((r["ms"] for r in mode["rows"] if r["tokens"] == 1 and r["branches"] == 1), None)
+    per_t = {
+        str(b): {str(r["tokens"]): r["ms"] / one for r in mode["rows"] if r["branches"] == b}
+        for b in BRANCHES
+        if one
+    }
+    return {"over_1_token": per_t, "one_token_over_floor": one / mode["floor_ms"] if one else None}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from apar_worker.model_registry import resolve_model
+    from apar_worker.types import ModelLoadError
+
+    try:
+        model_dir = resolve_model(args.model)
+    except ModelLoadError as exc:
+        raise BenchError(str(exc)) from None
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        gbs = bandwidth_gbs(args.bandwidth_mb)
+        modes = [_mode(model_dir, None, args, gbs)]
+        if args.quantization == "int8":
+            modes.append(_mode(model_dir, "int8", args, gbs))
+        hf = [] if args.no_hf else hf_rows(model_dir, args.tokens, args.context, args.repeats)
+    finally:
+        torch.set_num_threads(threads_before)
+    for mode in modes:
+        mode["ratios"] = ratios(mode)
+    settings = {
+        k: getattr(args, k) for k in ("model", "threads", "context", "tokens", "repeats", "quantization")
+    }
+    return {
+        "benchmark": "step",
+        "machine": machine(),
+        "settings": settings,
+        "bandwidth_gbs": gbs,
+        "modes": modes,
+        "transformers": hf,
+    }
+
+
+def _weights_name(mode: dict) -> str:
+    return "fp32" if mode["quantization"] == "none" else mode["quantization"]
+
+
+def print_report(result: dict[str, Any]) -> None:
+    s = result["settings"]
+    print(
+        f"apar bench step: {s['model']}, {s['threads']} threads, context {s['context']}, "
+        f"median of {s['repeats']} steps; memory bandwidth {result['bandwidth_gbs']:.1f} GB/s"
+    )
+    hf = {r["tokens"]: r["ms"] for r in result["transformers"]}
+    for mode in result["modes"]:
+        by = {(r["branches"], r["tokens"]): r["ms"] for r in mode["rows"]}
+        over = mode["ratios"]["over_1_token"]
+        rows = []
+        for t in s["tokens"]:
+            cells: list[Any] = [t]
+            for b in BRANCHES:
+                cells += [by.get((b, t)), over.get(str(b), {}).get(str(t))]
+            rows.append([*cells, hf.get(t)])
+        heads = ["T", "1 br/req ms", "x 1-tok", "8 br/req ms", "x 1-tok", "transformers ms"]
+        print(
+            f"\n{_weights_name(mode)} weights: {mode['weight_bytes'] / 1e6:.1f} MB, "
+            f"bandwidth floor {mode['floor_ms']:.1f} ms"
+        )
+        print(table(heads, rows))
+        for b in BRANCHES:
+            for t in (16, max(s["tokens"])):
+                if str(t) in over.get(str(b), {}):
+                    print(f"{t}-token step / 1-token step ({b} br/req): {over[str(b)][str(t)]:.2f}")
+                    break
+        print(f"1-token step / bandwidth floor: {fmt(mode['ratios']['one_token_over_floor'])}")
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        plt = pyplot()
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for mode, ls in zip(result["modes"], ("-", "-."), strict=False):
+        name = _weights_name(mode)
+        for b in BRANCHES:
+            rows = [r for r in mode["rows"] if r["branches"] == b]
+            if rows:
+                xs, ys = [r["tokens"] for r in rows], [r["ms"] for r in rows]
+                ax.plot(xs, ys, "o" + ls, label=f"engine {name}, {b} br/req")
+        ax.axhline(mode["floor_ms"], ls=":", color="gray" if ls == "-" else "black", label=f"floor {name}")
+    if result["transformers"]:
+        hf = result["transformers"]
+        ax.plot([r["tokens"] for r in hf], [r["ms"] for r in hf], "s--", label="transformers forward")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens in the step (T)")
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"step cost, {result['settings']['model']}, {result['settings']['threads']} threads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _tokens(text: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError("token counts must be positive")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model name or HF directory")
+    p.add_argument("--tokens", type=_tokens, default=[1, 2, 4, 8, 16, 32, 64], metavar="T,T,...")
+    p.add_argument("--context", type=int, default=512, help="context tokens of every decode row")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per row (median)")
+    p.add_argument("--quantization", choices=["none", "int8"], default="none", help="int8: also int8 rows")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--bandwidth-mb", type=int, default=256, help="MiB copied to measure bandwidth")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers forward")
+    p.add_argument("--json", default=str(RESULTS_DIR / "step.json"), metavar="OUT")
+    p.add_argument("--plot", default=str(RESULTS_DIR / "step.png"), metavar="OUT.png")
+
+
+def main(args: argparse.Namespace) -> int:
+    if min(args.context, args.repeats, args.threads, args.bandwidth_mb) < 1:
+        raise BenchError("--context, --repeats, --threads and --bandwidth-mb must be positive")
+    result = run(args)
+    print_report(result)
+    if args.json:
+        print(f"wrote {write_json(args.json, result)}")
+    if args.plot:
+        wrote = plot(result, Path(args.plot))
+        print(f"wrote {args.plot}" if wrote else "plot skipped: matplotlib is not installed")
+    return 0
