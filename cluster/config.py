@@ -51,6 +51,7 @@ class EngineSection:
     enable_prefix_caching: bool
     max_model_len: int | None
     quantization: str | None
+    cascade_attention: bool
 
 
 @dataclass

@@ -154,6 +154,19 @@ def test_burst_harness_end_to_end(fork_model, tmp_path, capsys):
     assert apar(argv + ["--block-size", "12"]) == 2
 
 
+def test_attention_bench_compares_both_paths(fork_model, tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    argv = ["bench", "attention", "--model", str(fork_model), "--branches", "1,4", "--prompt-tokens", "32"]
+    argv += ["--own-tokens", "4", "--block-size", "4", "--repeats", "1", "--threads", "1", "--json", str(out)]
+    assert apar(argv) == 0
+    assert "cascade / plain" in capsys.readouterr().out
+    rows = {r["branches"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {1, 4}
+    for r in rows.values():
+        assert r["plain_ms"] > 0 and r["cascade_ms"] > 0 and r["max_abs_diff"] < 1e-4
+    assert apar(argv[:-2] + ["--branches", "x"]) == 2
+
+
 def test_bench_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert apar(["bench", "load", "--server", "10.1.2.3:50051"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
