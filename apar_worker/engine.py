@@ -36,6 +36,7 @@ from apar_worker.sampling import make_generator, sample
 from apar_worker.scheduler import Scheduler, SchedulerConfig
 from apar_worker.sequence import Branch, RequestState, RequestStatus
 from apar_worker.types import (
+    DEFAULT_BLOCK_SIZE,
     BranchEvent,
     EngineStats,
     FinishReason,
@@ -55,7 +56,7 @@ class EngineConfig:
     model: str = "apar-smol"
     device: str = "auto"
     dtype: str = "float32"
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     num_blocks: int | None = None  # None: sized from kv_cache_memory_mb
     kv_cache_memory_mb: int = 256
     max_num_batched_tokens: int = 1024

@@ -14,6 +14,7 @@ from typing import Literal
 # Smaller blocks waste less of each live branch's last, partly filled block (APAR has many
 # live branches), at the price of longer block tables.
 BLOCK_SIZES = (4, 8, 16, 32)
+DEFAULT_BLOCK_SIZE = 8  # not vLLM's 16: APAR's many live branches each leave their last block part empty
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 

@@ -14,6 +14,7 @@ import argparse
 import time
 from typing import Any
 
+from apar_worker.types import DEFAULT_BLOCK_SIZE
 from bench.common import RESULTS_DIR, BenchError, machine, ratio, table, write_json
 
 
@@ -98,7 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branches", default="1,4,8,16", help="comma-separated sibling counts")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--own-tokens", type=int, default=32, help="each branch's own tokens so far")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block (4, 8, 16 or 32)"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(RESULTS_DIR / "attention.json"), metavar="OUT")

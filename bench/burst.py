@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from apar_worker.types import DEFAULT_BLOCK_SIZE
 from bench.common import RESULTS_DIR, BenchError, load_prompts, machine, ratio, table, write_json
 
 APAR, TWIN = "apar", "twin"
@@ -172,7 +173,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=32, metavar="N")
     p.add_argument("--kv-mb", type=int, default=64, help="the KV pool of each system, MB (default 64)")
     p.add_argument("--num-blocks", type=int, default=None, help="the pool in blocks (overrides --kv-mb)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (4, 8, 16 or 32)")
+    p.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block (4, 8, 16 or 32)"
+    )
     p.add_argument("--max-tokens", type=int, default=320, metavar="N")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(RESULTS_DIR / "burst.json"), metavar="OUT")

