@@ -8,10 +8,12 @@ registers. Its fast CPU path takes bfloat16 activations (float32 and float16 one
 loop, 5-20x slower), so inputs are cast to bfloat16 and outputs back to the model's dtype.
 
 That kernel works in blocks of 4 rows and dequantizes the weights again for each block, so its
-cost grows with the rows: past `KERNEL_MAX_ROWS` a layer instead multiplies by the int8 values
-as a bfloat16 matrix (exact: |q| <= 127) where the CPU has AMX tiles or on CUDA, float32
-elsewhere, and scales the output. The two paths round differently, so with int8 a row's
-logits depend slightly on how many rows share its step (fp32 GEMMs already do, less).
+cost grows with the rows. Where bfloat16 matrix products are fast (AMX tiles, CUDA), a layer
+also keeps its int8 values as a bfloat16 matrix (exact: |q| <= 127; 2 more bytes per weight)
+and steps over `KERNEL_MAX_ROWS` rows multiply by that and scale the output: on SmolLM2 such a
+step costs about a 1-row one. (Converting int8 to bfloat16 in every step instead costs more
+than it saves.) The two paths round differently, so a row's logits depend slightly on how many
+rows share its step (fp32 GEMMs' do too, less).
 
 Where the kernel is missing or fails on the model's device, `quantize_model` logs a warning
 and leaves the model as it is (the plain path), so a config that asks for int8 still serves.
@@ -32,15 +34,13 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "int8")
 COMPUTE_DTYPE = torch.bfloat16  # the activation dtype of the kernel's vectorised CPU path
 _K_MULTIPLE = 16  # the CPU kernel steps over K by 16 (AVX-512) with no tail: other K give garbage
-KERNEL_MAX_ROWS = 8  # measured on SmolLM2's layers: past 8 rows the dequantized matmul is faster
+KERNEL_MAX_ROWS = 4  # measured on SmolLM2's layers (AMX CPU): from 8 rows the bf16 matmul is faster
 
 
-def wide_dtype(device: torch.device) -> torch.dtype:
-    """The matmul dtype of the many-row path: bfloat16 where it is fast (AMX, CUDA), else fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16
+def fast_bf16_matmul(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products beat the int8 kernel for many rows: CUDA, AMX CPUs."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return torch.bfloat16 if device.type == "cpu" and amx() else torch.float32
+    return device.type == "cuda" or (device.type == "cpu" and amx())
 
 
 def parse_quantization(value: str | None) -> str | None:
@@ -70,7 +70,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q.contiguous())
         self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
-        self.wide_dtype = wide_dtype(weight.device)
+        wide = q.to(torch.bfloat16) if fast_bf16_matmul(weight.device) else None
+        self.register_buffer("weight_bf16", wide)  # the int8 values, for steps of many rows
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:
@@ -79,14 +80,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= KERNEL_MAX_ROWS:
-            # A fresh contiguous copy: the kernel reads rows with aligned loads.
-            y = torch.ops.aten._weight_int8pack_mm(
-                x2.to(COMPUTE_DTYPE, copy=True), self.weight_int8, self.scales
-            )
-        else:
-            wd = self.wide_dtype
-            y = F.linear(x2.to(wd), self.weight_int8.to(wd)).float() * self.scales.float()
+        if x2.shape[0] > KERNEL_MAX_ROWS and self.weight_bf16 is not None:
+            y = F.linear(x2.to(torch.bfloat16), self.weight_bf16).float() * self.scales.float()
+        else:  # a fresh contiguous copy: the kernel reads rows with aligned loads
+            x2 = x2.to(COMPUTE_DTYPE, copy=True)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)
         y = y.to(x.dtype).reshape(*lead, self.out_features)
         return y + self.bias if self.bias is not None else y
 

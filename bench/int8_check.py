@@ -2,6 +2,7 @@
 
     python -m bench.int8_check agreement --model smollm2-135m-instruct   # greedy tokens vs fp32
     python -m bench.int8_check layers                                    # one layer's time vs rows
+    python -m bench.int8_check steps --rows 1,16 --branches 1            # fp32 vs int8 engine steps
 
 `agreement`: fp32 and int8 engines decode the same held-out prompts greedily (no forks). Three
 shares: `aligned` (position by position over all generated tokens: an early drift counts every
@@ -9,7 +10,8 @@ later token as different), `prefix` (tokens before the first difference), `force
 model's greedy pick at each position of fp32's own output, one forward per prompt: per-token
 agreement, free of drift). `layers`: microseconds of one SmolLM2-sized linear layer (1536x576,
 576x1536) at m rows, fp32 `F.linear` vs `Int8Linear`'s two paths, weights cycled through 48
-copies so that they come from memory, not cache (best of 7).
+copies so that they come from memory, not cache (best of 7). `steps`: an fp32 and an int8
+engine on the same decode rows (`apar bench step`'s setup) stepping in turn, median ms.
 """
 
 from __future__ import annotations
@@ -122,19 +124,56 @@ def layers(rows: list[int], copies: int = 48) -> list[dict[str, Any]]:
     return out
 
 
+def steps(model: str, rows: int, branches: int, n: int = 12) -> dict[str, float]:
+    """Median ms of an fp32 and an int8 engine stepping in turn on the same rows (bench.step's
+    setup): drift in machine load hits both alike."""
+    import statistics
+
+    from apar_worker.engine import Engine, EngineConfig
+    from bench import step as st
+
+    engines = {}
+    for q in ("none", "int8"):
+        cfg = EngineConfig(
+            model=model, quantization=q, num_blocks=rows * 80 + 64, max_num_batched_tokens=4096
+        )
+        e = engines[q] = Engine(cfg)
+        st._add_requests(e, rows // branches, 512, seed=branches)
+        st._prefill(e, rows // branches)
+        if branches > 1:
+            st._fork_siblings(e, branches)
+        e.step()
+    times: dict[str, list[float]] = {q: [] for q in engines}
+    for _ in range(n):
+        for q, e in engines.items():
+            t = time.perf_counter()
+            e.step()
+            times[q].append((time.perf_counter() - t) * 1000)
+    return {f"{q}_ms": statistics.median(v) for q, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("check", choices=["agreement", "layers"])
+    p.add_argument("check", choices=["agreement", "layers", "steps"])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rows", default="1,4,8,16,32", help="layers: m values")
+    p.add_argument("--rows", default="1,4,8,16,32", help="layers: m values; steps: decode rows")
+    p.add_argument("--branches", type=int, default=1, help="steps: branches per request")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fp32-lm-head", action="store_true", help="agreement: keep the output projection fp32")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.check == "layers":
         layers([int(m) for m in args.rows.split(",")])
+        return 0
+    if args.check == "steps":
+        for rows in (int(m) for m in args.rows.split(",")):
+            print(
+                json.dumps(
+                    {"rows": rows, "branches": args.branches, **steps(args.model, rows, args.branches)}
+                )
+            )
         return 0
     res = measure(args.model, args.prompts, args.max_tokens, lm_head=not args.fp32_lm_head)
     print(json.dumps(res, indent=2))

@@ -43,13 +43,15 @@ def bandwidth_gbs(mb: int) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes a decode step reads: every parameter and buffer once, but not the input embedding
-    table (a step reads only its rows) unless the output projection is that same table."""
+    """Bytes a 1-token step reads: every parameter and buffer once, but not the input embedding
+    table (a step reads only its rows) unless the output projection is that same table, nor
+    int8 layers' bf16 copies (read by steps of many rows instead of the int8 weights)."""
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_weight = getattr(head, "weight", None)
+    buffers = [b for name, b in model.named_buffers() if not name.endswith("weight_bf16")]
     seen: dict[int, int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in [*model.parameters(), *buffers]:
         if t is embed and head_weight is not embed:
             continue
         seen[t.data_ptr()] = t.numel() * t.element_size()
@@ -98,6 +100,8 @@ def _prefill(engine, n_rows: int) -> None:
     with first_layer_only(engine.runner.model):
         for _ in range(10_000):
             engine.step()
+            if engine.scheduler.num_preemptions:
+                raise BenchError("a request was preempted during the prefill: the KV pool is too small")
             states = list(engine.requests.values())
             if all(b.num_pending == 1 for s in states for b in s.live_branches()):
                 if sum(len(s.live_branches()) for s in states) == n_rows:
@@ -188,7 +192,8 @@ def _mode(model_dir: Path, quantization: str | None, args: argparse.Namespace, g
 
     rows_max = max(args.tokens)
     growth = len(args.tokens) * (args.repeats + 1) + 4
-    per_row = -(-(args.context + growth) // 16) + 2
+    block_size = EngineConfig.block_size
+    per_row = -(-(args.context + growth) // block_size) + 2
     cfg = EngineConfig(
         model=str(model_dir),
         device="cpu",
