@@ -213,8 +213,8 @@ def _cascade(out, q, qb, kb, vb, k_cache, v_cache, meta: AttentionMetadata, scal
     for tok, blocks in meta.dec_groups or ():
         kp = k_cache.index_select(1, blocks).view(kvh, -1, head_dim)
         vp = v_cache.index_select(1, blocks).view(kvh, -1, head_dim)
-        op, lse_p = attend_with_lse(q[:, tok], kp, vp, None, scale)  # [H, N, D], [H, N]
-        out[tok] = merge(op.transpose(0, 1), lse_p.T, out[tok], lse_flat[tok])
+        op, lse_p = attend_with_lse(q[None, :, tok], kp[None], vp[None], None, scale)  # [1, H, N, D]
+        out[tok] = merge(op[0].transpose(0, 1), lse_p[0].T, out[tok], lse_flat[tok])
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

@@ -47,30 +47,39 @@ def find_groups(tables: list[list[int]], first_positions: list[int], block_size:
     return groups
 
 
-def _gqa(q: torch.Tensor, kvh: int) -> torch.Tensor:
-    """[..., H, N, D] -> [..., KVH, rep * N, D]: query head h reads KV head h // rep (HF's order)."""
-    *lead, h, n, d = q.shape
-    return q.reshape(*lead, kvh, (h // kvh) * n, d)
-
-
 def attend_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of the scores.
 
-    q [..., H, N, D], k/v [..., KVH, L, D], mask broadcastable to [..., 1, N, L] (additive) ->
-    out [..., H, N, D], lse [..., H, N].
+    q [B, H, N, D], k/v [B, KVH, L, D], additive mask [B, 1, N, L] or None -> out [B, H, N, D],
+    lse [B, H, N]. The queries of one KV head are stacked ([B, KVH, rep * N, D]) so K/V are
+    never repeated. On CPU this is torch's flash kernel, which returns the log-sum-exp.
     """
-    kvh, h, n = k.shape[-3], q.shape[-3], q.shape[-2]
+    b, h, n, d = q.shape
+    kvh, length = k.shape[1], k.shape[2]
     rep = h // kvh
-    scores = torch.matmul(_gqa(q, kvh), k.transpose(-1, -2)) * scale  # [..., KVH, rep*N, L]
+    qg = q.reshape(b, kvh, rep * n, d)
+    if mask is not None and rep > 1:
+        mask = mask.unsqueeze(2).expand(b, 1, rep, n, length).reshape(b, 1, rep * n, length)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qg, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )
+    else:
+        out, lse = attend_math(qg, k, v, mask, scale)
+    return out.reshape(b, h, n, d), lse.reshape(b, h, n)
+
+
+def attend_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in plain tensor ops (CUDA and other devices): q, k, v with equal head counts."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:
-        lead = scores.shape[:-3]
-        scores = (scores.view(*lead, kvh, rep, n, -1) + mask.unsqueeze(-3)).view(scores.shape)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.matmul(torch.exp(scores - lse), v)  # [..., KVH, rep*N, D]
-    lead = out.shape[:-3]
-    return out.reshape(*lead, h, n, -1), lse.reshape(*lead, h, n)
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v), lse
 
 
 def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:

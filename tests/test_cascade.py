@@ -8,7 +8,7 @@ from engine_utils import make_model, make_tokenizer
 from test_engine import assert_pool_empty, forcing_hook
 
 from apar_worker.attention import FORWARD_CONTEXT, AttentionMetadata, SeqSlice, paged_attention
-from apar_worker.cascade import find_groups
+from apar_worker.cascade import attend_math, find_groups
 from apar_worker.engine import Engine, EngineConfig
 from apar_worker.kv_cache import KVCache
 from apar_worker.types import GenerateRequest, SamplingParams
@@ -88,7 +88,9 @@ def test_engine_with_cascade_decodes_what_the_plain_path_decodes(bs, monkeypatch
             logits_hook=forcing_hook(force, record),
         )
         sampling = SamplingParams(max_tokens=40, ignore_eos=True)
-        reqs = [GenerateRequest(prompt_token_ids=prompt, sampling=sampling, request_id=f"r{i}") for i in range(2)]
+        reqs = [
+            GenerateRequest(prompt_token_ids=prompt, sampling=sampling, request_id=f"r{i}") for i in range(2)
+        ]
         outs = engine.generate(reqs)
         assert_pool_empty(engine)
         return outs, record
@@ -101,3 +103,16 @@ def test_engine_with_cascade_decodes_what_the_plain_path_decodes(bs, monkeypatch
     assert len(rec_plain) == len(rec_casc)
     worst = max((a[2] - b[2]).abs().max().item() for a, b in zip(rec_plain, rec_casc, strict=True))
     assert worst < 1e-4, worst
+
+
+def test_the_plain_math_path_equals_the_cpu_flash_kernel():
+    """Devices without the CPU kernel (CUDA) take attend_math; both return the same (out, lse)."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
+    mask = torch.zeros(2, 1, 5, 9)
+    mask[0, :, :, 7:] = -torch.inf
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=0.25
+    )
+    for got, want in zip(attend_math(q, k, v, mask, 0.25), flash, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
