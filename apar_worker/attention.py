@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from apar_worker.cascade import attend_with_lse, find_groups, merge
+from apar_worker.cascade import GroupMeta, find_groups, group_meta, run_cascade
 from apar_worker.kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "apar_paged"
@@ -49,9 +49,10 @@ class AttentionMetadata:
     dec_mask: torch.Tensor | None = None  # [B, 1, Q, NB * block_size] additive (0 / -inf)
     dec_valid: torch.Tensor | None = None  # [B*Q] which padded query rows are real
     dec_tok: torch.Tensor | None = None  # [N] flat token index of each real row
-    # Cascade: (flat token indices, shared prefix blocks) per group of rows sharing a prefix;
-    # the batched rows above then hold only each row's blocks after its group's prefix.
-    dec_groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    dec_q_slice: slice | None = None  # the short rows' tokens, when they are one per row, in order
+    # Cascade: groups of rows attending a prefix apart (apar_worker/cascade.py); the batched
+    # rows above then hold only each row's blocks after its group's prefix.
+    dec_groups: list[GroupMeta] | None = None
     # Long-query sequences: (start, end, blocks [NB], context length, mask [1, q, L] or None if causal)
     long: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]] | None = None
     attended_tokens: int = 0  # sum over query tokens of keys attended (attention work metric)
@@ -130,14 +131,11 @@ class AttentionMetadata:
         self.dec_mask = mask[:, None].to(device)
         self.dec_valid = valid_flat.to(device)
         self.dec_tok = q_idx.reshape(-1)[valid_flat].to(device)
+        spans = [(s.start, s.end) for s in seqs]
+        if q == 1 and spans == [(seqs[0].start + i, seqs[0].start + i + 1) for i in range(b)]:
+            self.dec_q_slice = slice(seqs[0].start, seqs[0].start + b)
         if groups:
-            self.dec_groups = [
-                (
-                    torch.cat([torch.arange(seqs[i].start, seqs[i].end) for i in g.rows]).to(device),
-                    torch.tensor(g.blocks, dtype=torch.long, device=device),
-                )
-                for g in groups
-            ]
+            self.dec_groups = group_meta(groups, spans, q, device)
 
 
 class _ForwardContext:
@@ -178,16 +176,23 @@ def paged_attention(
     out = q.new_empty((meta.num_tokens, num_heads, head_dim))
     if meta.dec_q_idx is not None:
         b, nb = meta.dec_shape
-        qb = q[:, meta.dec_q_idx].transpose(0, 1)  # [B, H, Q, D]
+        if meta.dec_q_slice is not None:  # one token per row, consecutive: a view
+            qb = q[:, meta.dec_q_slice, None].transpose(0, 1)  # [B, H, 1, D]
+        else:
+            qb = q[:, meta.dec_q_idx].transpose(0, 1)  # [B, H, Q, D]
         kb = k_cache.index_select(1, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
         vb = v_cache.index_select(1, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
         if meta.dec_groups:
-            _cascade(out, q, qb, kb, vb, k_cache, v_cache, meta, scaling or head_dim**-0.5)
+            scale = scaling or head_dim**-0.5
+            ob = run_cascade(q, qb, kb, vb, meta.dec_mask, k_cache, v_cache, meta.dec_groups, scale)
         else:
             ob = F.scaled_dot_product_attention(
                 qb, kb, vb, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa
             )
             ob = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
+        if meta.dec_q_slice is not None:
+            out[meta.dec_q_slice] = ob
+        else:
             out[meta.dec_tok] = ob[meta.dec_valid]
     for start, end, blocks, ctx, mask in meta.long or ():
         qs = q[None, :, start:end]
@@ -198,23 +203,6 @@ def paged_attention(
         )
         out[start:end] = os_[0].transpose(0, 1)
     return out[None], None
-
-
-def _cascade(out, q, qb, kb, vb, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> None:
-    """The short rows over their own blocks, then each group's queries over its shared prefix
-    once, merged by log-sum-exp (apar_worker/cascade.py)."""
-    kvh, _, bs, head_dim = k_cache.shape
-    ob, lse = attend_with_lse(qb, kb, vb, meta.dec_mask, scale)
-    num_heads = q.shape[0]
-    out[meta.dec_tok] = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)[meta.dec_valid]
-    lse_rows = lse.transpose(1, 2).reshape(-1, num_heads)[meta.dec_valid]  # [N, H]
-    lse_flat = q.new_zeros((out.shape[0], num_heads))
-    lse_flat[meta.dec_tok] = lse_rows
-    for tok, blocks in meta.dec_groups or ():
-        kp = k_cache.index_select(1, blocks).view(kvh, -1, head_dim)
-        vp = v_cache.index_select(1, blocks).view(kvh, -1, head_dim)
-        op, lse_p = attend_with_lse(q[None, :, tok], kp[None], vp[None], None, scale)  # [1, H, N, D]
-        out[tok] = merge(op[0].transpose(0, 1), lse_p[0].T, out[tok], lse_flat[tok])
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

@@ -6,6 +6,10 @@ in every layer; here the queries of all rows of a group attend to the prefix onc
 one matrix product), each row attends only to its own remaining blocks, and the two partial
 softmaxes are merged by their log-sum-exp (FlashInfer's cascade inference, Hydragen). Equal to
 the per-row path up to float rounding (tests/test_cascade.py).
+
+A prefix whose blocks are consecutive in the pool (a prompt's blocks, allocated together) is read
+in place, as a view of the cache, with no gather at all; so is a lone row's leading run of
+consecutive blocks, which is where a step of many separate long requests spends its time.
 """
 
 from __future__ import annotations
@@ -26,9 +30,63 @@ class PrefixGroup:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    @property
+    def start(self) -> int | None:
+        """The first block when the blocks are consecutive ids (readable in place), else None."""
+        return self.blocks[0] if _run(self.blocks) == len(self.blocks) else None
+
+
+MIN_RUN_BLOCKS = 8  # a lone row's leading run is read in place from this length on ...
+MIN_ROWS_FOR_RUNS = 8  # ... in steps of this many rows (below, one batched gather is cheaper)
+Sel = slice | torch.Tensor  # token positions: a slice where they are consecutive (no gather)
+
+
+def as_sel(idx: list[int], device: torch.device) -> Sel:
+    """Consecutive positions as a slice (a view when indexing), others as an index tensor."""
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+@dataclass
+class GroupMeta:
+    """One group, ready for a step: its queries (flat tokens), their rows in the batched
+    [B * Q] layout, and its prefix blocks (`start`: readable in place)."""
+
+    q_sel: Sel
+    row_sel: Sel
+    blocks: torch.Tensor
+    start: int | None
+    num_blocks: int
+
+
+def group_meta(
+    groups: list[PrefixGroup], spans: list[tuple[int, int]], q_len: int, device: torch.device
+) -> list[GroupMeta]:
+    """`spans`: each short row's flat token range [start, end), in row order; rows are padded
+    to `q_len` query tokens in the batched layout."""
+    out = []
+    for g in groups:
+        toks = [t for i in g.rows for t in range(*spans[i])]
+        rows = [i * q_len + j for i in g.rows for j in range(spans[i][1] - spans[i][0])]
+        blocks = torch.tensor(g.blocks, dtype=torch.long, device=device)
+        out.append(GroupMeta(as_sel(toks, device), as_sel(rows, device), blocks, g.start, g.num_blocks))
+    return out
+
+
+def _run(table: list[int], limit: int | None = None) -> int:
+    """Length of the leading run of consecutive block ids (at most `limit`)."""
+    limit = len(table) if limit is None else min(limit, len(table))
+    n = 0
+    while n < limit and table[n] == table[0] + n:
+        n += 1
+    return n
+
 
 def find_groups(tables: list[list[int]], first_positions: list[int], block_size: int) -> list[PrefixGroup]:
-    """Groups of two or more rows with at least one shared full block before their queries."""
+    """Groups of two or more rows with at least one shared full block before their queries, then
+    (in steps of MIN_ROWS_FOR_RUNS rows or more) lone rows whose first MIN_RUN_BLOCKS or more
+    blocks are consecutive."""
     by_first: dict[int, list[int]] = {}
     for i, table in enumerate(tables):
         if table and first_positions[i] >= block_size:
@@ -44,6 +102,13 @@ def find_groups(tables: list[list[int]], first_positions: list[int], block_size:
             n += 1
         if n:
             groups.append(PrefixGroup(rows, ref[:n]))
+    grouped = {i for g in groups for i in g.rows}
+    if len(tables) < MIN_ROWS_FOR_RUNS:
+        return groups
+    for i, table in enumerate(tables):
+        n = _run(table, first_positions[i] // block_size) if i not in grouped and table else 0
+        if n >= MIN_RUN_BLOCKS:
+            groups.append(PrefixGroup([i], table[:n]))
     return groups
 
 
@@ -87,3 +152,33 @@ def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Te
     m = torch.maximum(lse1, lse2)
     w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
     return (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None]
+
+
+def run_cascade(
+    q: torch.Tensor,
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    mask: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    groups: list[GroupMeta],
+    scale: float,
+) -> torch.Tensor:
+    """The short rows over their own blocks (qb, kb, vb, mask as batched by AttentionMetadata),
+    then each group's queries over its prefix, merged. Returns [B * Q, H, D] (padded rows too)."""
+    kvh, _, bs, d = k_cache.shape
+    h = q.shape[0]
+    ob, lse = attend_with_lse(qb, kb, vb, mask, scale)
+    rows_o = ob.transpose(1, 2).reshape(-1, h, d)
+    rows_l = lse.transpose(1, 2).reshape(-1, h)
+    for g in groups:
+        if g.start is not None:  # consecutive blocks: a view of the cache, nothing copied
+            kp = k_cache[:, g.start : g.start + g.num_blocks].reshape(kvh, -1, d)
+            vp = v_cache[:, g.start : g.start + g.num_blocks].reshape(kvh, -1, d)
+        else:
+            kp = k_cache.index_select(1, g.blocks).view(kvh, -1, d)
+            vp = v_cache.index_select(1, g.blocks).view(kvh, -1, d)
+        op, lse_p = attend_with_lse(q[None, :, g.q_sel], kp[None], vp[None], None, scale)
+        rows_o[g.row_sel] = merge(op[0].transpose(0, 1), lse_p[0].T, rows_o[g.row_sel], rows_l[g.row_sel])
+    return rows_o

@@ -8,7 +8,7 @@ from engine_utils import make_model, make_tokenizer
 from test_engine import assert_pool_empty, forcing_hook
 
 from apar_worker.attention import FORWARD_CONTEXT, AttentionMetadata, SeqSlice, paged_attention
-from apar_worker.cascade import attend_math, find_groups
+from apar_worker.cascade import MIN_ROWS_FOR_RUNS, PrefixGroup, attend_math, find_groups
 from apar_worker.engine import Engine, EngineConfig
 from apar_worker.kv_cache import KVCache
 from apar_worker.types import GenerateRequest, SamplingParams
@@ -26,6 +26,13 @@ def test_groups_are_rows_sharing_full_blocks_before_their_queries():
     assert [(g.rows, g.blocks) for g in groups] == [([0, 1, 2], [4, 5])]
     # a block that is not wholly before a row's queries is not shared
     assert find_groups([[4, 5], [4, 6]], [3, 9], block_size=4) == []
+    # a lone row's leading run of consecutive blocks is read in place (from MIN_RUN_BLOCKS on)
+    long_run = list(range(40, 52)) + [3]
+    others = [[100 + 2 * i, 101] for i in range(MIN_ROWS_FOR_RUNS - 1)]  # no runs, nothing shared
+    [g] = find_groups([long_run] + others, [50] + [5] * len(others), block_size=4)
+    assert (g.rows, g.blocks, g.start) == ([0], list(range(40, 52)), 40)
+    assert find_groups([long_run, [7, 8, 9, 1]], [50, 14], block_size=4) == []  # too few rows to pay
+    assert PrefixGroup([0, 1], [33, 18]).start is None
 
 
 class _Layer(torch.nn.Module):
@@ -46,15 +53,19 @@ def test_paged_attention_with_and_without_cascade_agree(kv_heads, heads):
         SeqSlice(2, 4, prefix + [13, 14], 30),  # two query tokens (a draft)
         SeqSlice(4, 5, [20, 21, 22], 9),
         SeqSlice(5, 6, prefix + [15, 16, 17], 34),
+        SeqSlice(6, 7, [33, 18, 34, 19], 14),  # two rows sharing blocks that are not consecutive
+        SeqSlice(7, 8, [33, 18, 35], 9),
+        SeqSlice(8, 9, list(range(40, 52)) + [36], 50),  # a lone row with 12 consecutive blocks
     ]
-    t = 6
+    t = 9
     q = torch.randn(1, heads, t, d)
     k = torch.randn(1, kv_heads, t, d)
     v = torch.randn(1, kv_heads, t, d)
     outs = []
     for cascade in (False, True):
         meta = AttentionMetadata.build(seqs, bs, CPU, cascade=cascade)
-        assert bool(meta.dec_groups) is cascade
+        assert len(meta.dec_groups or []) == (3 if cascade else 0)
+        assert [g.start for g in meta.dec_groups or []] == ([0, None, 40] if cascade else [])
         FORWARD_CONTEXT.kv_cache, FORWARD_CONTEXT.meta = cache, meta
         try:
             outs.append(paged_attention(_Layer(), q, k, v, None, scaling=d**-0.5)[0].clone())
@@ -71,7 +82,12 @@ def test_engine_with_cascade_decodes_what_the_plain_path_decodes(bs, monkeypatch
 
     def spy(*args, **kw):
         meta = build(*args, **kw)
-        grouped.append(sum(len(tok) for tok, _ in meta.dec_groups or ()))
+        grouped.append(
+            sum(
+                len(range(999)[g.q_sel]) if isinstance(g.q_sel, slice) else len(g.q_sel)
+                for g in meta.dec_groups or ()
+            )
+        )
         return meta
 
     monkeypatch.setattr(AttentionMetadata, "build", spy)
