@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from apar_worker.cascade import GroupMeta, find_groups, group_meta, run_cascade
+from apar_worker.cascade import GroupMeta, as_sel, find_groups, group_meta, run_cascade
 from apar_worker.kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "apar_paged"
@@ -44,7 +44,7 @@ class AttentionMetadata:
     num_tokens: int
     # Batched short-query group (None when empty).
     dec_q_idx: torch.Tensor | None = None  # [B, Q] flat token index (padded)
-    dec_blocks: torch.Tensor | None = None  # [B * NB] block ids, each row padded to NB blocks
+    dec_blocks: torch.Tensor | slice | None = None  # [B * NB] block ids, rows padded to NB blocks
     dec_shape: tuple[int, int] = (0, 0)  # (B, NB)
     dec_mask: torch.Tensor | None = None  # [B, 1, Q, NB * block_size] additive (0 / -inf)
     dec_valid: torch.Tensor | None = None  # [B*Q] which padded query rows are real
@@ -54,7 +54,7 @@ class AttentionMetadata:
     # rows above then hold only each row's blocks after its group's prefix.
     dec_groups: list[GroupMeta] | None = None
     # Long-query sequences: (start, end, blocks [NB], context length, mask [1, q, L] or None if causal)
-    long: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]] | None = None
+    long: list[tuple[int, int, torch.Tensor | slice, int, torch.Tensor | None]] | None = None
     attended_tokens: int = 0  # sum over query tokens of keys attended (attention work metric)
 
     @classmethod
@@ -77,7 +77,7 @@ class AttentionMetadata:
                 short.append(s)
                 continue
             ctx = s.first_position + n
-            blocks = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=device)
+            blocks = as_sel(table[: -(-ctx // bs)], device)
             mask = None
             if s.first_position > 0:
                 qpos = torch.arange(s.first_position, ctx, device=device)
@@ -126,7 +126,10 @@ class AttentionMetadata:
         mask = torch.zeros(allowed.shape).masked_fill_(~allowed, -math.inf)
         valid_flat = valid.reshape(-1)
         self.dec_q_idx = q_idx.to(device)
-        self.dec_blocks = torch.tensor(blocks, dtype=torch.long, device=device)
+        # one row over consecutive blocks (a request decoding alone): read in place
+        self.dec_blocks = (
+            as_sel(blocks, device) if b == 1 else torch.tensor(blocks, dtype=torch.long, device=device)
+        )
         self.dec_shape = (b, nb)
         self.dec_mask = mask[:, None].to(device)
         self.dec_valid = valid_flat.to(device)
@@ -180,8 +183,8 @@ def paged_attention(
             qb = q[:, meta.dec_q_slice, None].transpose(0, 1)  # [B, H, 1, D]
         else:
             qb = q[:, meta.dec_q_idx].transpose(0, 1)  # [B, H, Q, D]
-        kb = k_cache.index_select(1, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
-        vb = v_cache.index_select(1, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
+        kb = _read(k_cache, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
+        vb = _read(v_cache, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
         if meta.dec_groups:
             scale = scaling or head_dim**-0.5
             ob = run_cascade(q, qb, kb, vb, meta.dec_mask, k_cache, v_cache, meta.dec_groups, scale)
@@ -196,13 +199,20 @@ def paged_attention(
             out[meta.dec_tok] = ob[meta.dec_valid]
     for start, end, blocks, ctx, mask in meta.long or ():
         qs = q[None, :, start:end]
-        ks = k_cache.index_select(1, blocks).view(kvh, -1, head_dim)[None, :, :ctx]
-        vs = v_cache.index_select(1, blocks).view(kvh, -1, head_dim)[None, :, :ctx]
+        ks = _read(k_cache, blocks)[None, :, :ctx]
+        vs = _read(v_cache, blocks)[None, :, :ctx]
         os_ = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
         )
         out[start:end] = os_[0].transpose(0, 1)
     return out[None], None
+
+
+def _read(cache: torch.Tensor, blocks: torch.Tensor | slice) -> torch.Tensor:
+    """[KVH, n * block_size, D] of the given blocks: consecutive ones are a view of the cache
+    (nothing copied), others are gathered."""
+    part = cache[:, blocks] if isinstance(blocks, slice) else cache.index_select(1, blocks)
+    return part.reshape(cache.shape[0], -1, cache.shape[-1])
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
