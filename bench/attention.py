@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from apar_worker.types import DEFAULT_BLOCK_SIZE
-from bench.common import RESULTS_DIR, BenchError, machine, ratio, table, write_json
+from bench.common import RESULTS_DIR, BenchError, machine, model_dir, ratio, table, torch_threads, write_json
 
 
 def _setup(shape: dict[str, int], branches: int, prompt: int, own: int, bs: int):
@@ -78,12 +78,9 @@ def measure(shape: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
 def model_shape(model: str) -> dict[str, int]:
     from transformers import AutoConfig
 
-    from apar_worker.model_registry import resolve_model
-    from apar_worker.types import ModelLoadError
-
     try:
-        cfg = AutoConfig.from_pretrained(resolve_model(model), local_files_only=True).get_text_config()
-    except (ModelLoadError, OSError, ValueError) as exc:
+        cfg = AutoConfig.from_pretrained(model_dir(model), local_files_only=True).get_text_config()
+    except (OSError, ValueError) as exc:
         raise BenchError(f"cannot read the config of {model}: {exc}") from None
     heads = cfg.num_attention_heads
     return {
@@ -108,7 +105,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
 
     from apar_worker.types import BLOCK_SIZES
 
@@ -122,12 +118,12 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.block_size not in BLOCK_SIZES:
         raise BenchError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
-    torch.set_num_threads(args.threads)
     shape = model_shape(args.model)
     rows = []
-    for n in counts:
-        args.branches = n
-        rows.append({"branches": n, **measure(shape, args)})
+    with torch_threads(args.threads):
+        for n in counts:
+            args.branches = n
+            rows.append({"branches": n, **measure(shape, args)})
     heads = ["branches", "plain ms", "cascade ms", "cascade / plain", "max |diff|"]
     print(
         f"one decode step's attention over {shape['layers']} layers, {args.prompt_tokens}-token shared prompt"

@@ -13,10 +13,21 @@ import argparse
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from apar_worker.types import DEFAULT_BLOCK_SIZE
-from bench.common import RESULTS_DIR, BenchError, load_prompts, machine, ratio, table, write_json
+from bench.common import (
+    RESULTS_DIR,
+    BenchError,
+    load_prompts,
+    machine,
+    model_pair,
+    ratio,
+    table,
+    torch_threads,
+    write_json,
+)
 
 APAR, TWIN = "apar", "twin"
 
@@ -89,39 +100,32 @@ def run_burst(engine: Any, system: str, prompts: list[list[int]], max_tokens: in
     return run
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
+def _system(args: argparse.Namespace, system: str, path: Path, fork: bool, prompts: list) -> BurstRun:
+    """One system's burst on a fresh engine with the fixed pool."""
     from apar_worker.engine import Engine, EngineConfig
-    from apar_worker.model_registry import default_baseline, resolve_model
-    from apar_worker.types import ModelLoadError
     from bench.speed import prompt_ids
 
-    try:
-        apar_dir = resolve_model(args.model)
-        args.baseline = args.baseline or default_baseline(args.model)
-        twin_dir = resolve_model(args.baseline)
-    except ModelLoadError as exc:
-        raise BenchError(str(exc)) from None
+    engine = Engine(
+        EngineConfig(
+            model=str(path),
+            device="cpu",
+            kv_cache_memory_mb=args.kv_mb,
+            num_blocks=args.num_blocks,  # None: sized from kv_mb
+            block_size=args.block_size,
+            enable_prefix_caching=False,  # every request pays for its own prompt, in both systems
+        )
+    )
+    ids = [prompt_ids(engine, p) for p in prompts]
+    print(f"{system}: {len(ids)} requests into {engine.pool.num_blocks} blocks ...", flush=True)
+    return run_burst(engine, system, ids, args.max_tokens, fork)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    apar_dir, twin_dir = model_pair(args)
     prompts = load_prompts(args.prompts, kind="structured")
     prompts = [prompts[i % len(prompts)] for i in range(args.num_requests)]
-    torch.set_num_threads(args.threads)
-    runs: list[BurstRun] = []
-    for system, path, fork in ((APAR, apar_dir, True), (TWIN, twin_dir, False)):
-        engine = Engine(
-            EngineConfig(
-                model=str(path),
-                device="cpu",
-                kv_cache_memory_mb=args.kv_mb,
-                num_blocks=args.num_blocks,  # None: sized from kv_mb
-                block_size=args.block_size,
-                enable_prefix_caching=False,  # every request pays for its own prompt, in both systems
-            )
-        )
-        ids = [prompt_ids(engine, p) for p in prompts]
-        print(f"{system}: {len(ids)} requests into {engine.pool.num_blocks} blocks ...", flush=True)
-        runs.append(run_burst(engine, system, ids, args.max_tokens, fork))
-        del engine
+    with torch_threads(args.threads):
+        runs = [_system(args, APAR, apar_dir, True, prompts), _system(args, TWIN, twin_dir, False, prompts)]
     a, t = runs
     return {
         "benchmark": "burst",

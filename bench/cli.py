@@ -28,48 +28,6 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     return handler
 
 
-def _speed(args: argparse.Namespace) -> int:
-    from bench import speed
-
-    return speed.main(args)
-
-
-def _load(args: argparse.Namespace) -> int:
-    from bench import load
-
-    return load.main(args)
-
-
-def _autoscale(args: argparse.Namespace) -> int:
-    from bench import autoscale
-
-    return autoscale.main(args)
-
-
-def _chaos(args: argparse.Namespace) -> int:
-    from bench import chaos
-
-    return chaos.main(args)
-
-
-def _burst(args: argparse.Namespace) -> int:
-    from bench import burst
-
-    return burst.main(args)
-
-
-def _step(args: argparse.Namespace) -> int:
-    from bench import step
-
-    return step.main(args)
-
-
-def _attention(args: argparse.Namespace) -> int:
-    from bench import attention
-
-    return attention.main(args)
-
-
 def _engine(args: argparse.Namespace) -> int:
     from bench import engine_vs_hf
 
@@ -95,39 +53,23 @@ def register(sub: Any) -> None:
     bsub = parser.add_subparsers(dest="bench_command", metavar="BENCH", parser_class=type(parser))
     bsub.required = True
 
-    p = bsub.add_parser("speed", help="batch-1 speed: APAR vs twin on our engine, transformers, vLLM")
-    speed.add_arguments(p)
-    p.set_defaults(func=_guard(_speed))
-
-    p = bsub.add_parser("load", help="Poisson load over gRPC: TTFT, TPOT, e2e, throughput vs rate")
-    load.add_arguments(p)
-    p.set_defaults(func=_guard(_load))
-
-    p = bsub.add_parser("autoscale", help="Ray Serve autoscaling under a stepped load")
-    autoscale.add_arguments(p)
-    p.set_defaults(func=_guard(_autoscale))
-
-    p = bsub.add_parser(
-        "chaos", help="load while replicas are SIGKILLed and Redis restarts; resume vs replay"
-    )
-    chaos.add_arguments(p)
-    p.set_defaults(func=_guard(_chaos))
-
-    p = bsub.add_parser(
-        "burst", help="a burst of requests into a fixed KV pool: concurrency and burst time, APAR vs twin"
-    )
-    burst.add_arguments(p)
-    p.set_defaults(func=_guard(_burst))
-
-    p = bsub.add_parser(
-        "step", help="ms of one engine step vs its token count, transformers, bandwidth floor"
-    )
-    step.add_arguments(p)
-    p.set_defaults(func=_guard(_step))
-
-    p = bsub.add_parser("attention", help="one decode step's attention: per-branch gather vs cascade")
-    attention.add_arguments(p)
-    p.set_defaults(func=_guard(_attention))
+    commands = [
+        (speed, "speed", "batch-1 speed: APAR vs twin on our engine, transformers, vLLM"),
+        (load, "load", "Poisson load over gRPC: TTFT, TPOT, e2e, throughput vs rate"),
+        (autoscale, "autoscale", "Ray Serve autoscaling under a stepped load"),
+        (chaos, "chaos", "load while replicas are SIGKILLed and Redis restarts; resume vs replay"),
+        (
+            burst,
+            "burst",
+            "a burst of requests into a fixed KV pool: concurrency and burst time, APAR vs twin",
+        ),
+        (step, "step", "ms of one engine step vs its token count, transformers, bandwidth floor"),
+        (attention, "attention", "one decode step's attention: per-branch gather vs cascade"),
+    ]
+    for module, name, help_text in commands:
+        p = bsub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=_guard(module.main))
 
     p = bsub.add_parser("engine", help="our engine vs transformers generate on a random tiny Llama")
     p.add_argument("--quick", action="store_true", help="fewer tokens (smoke run)")

@@ -5,6 +5,7 @@ Kept free of torch/Ray imports so the statistics are cheap to test and `apar ben
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,40 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 class BenchError(Exception):
     """A user-facing problem (bad flag, missing model): the CLI prints one line and exits 2."""
+
+
+def model_dir(name: str) -> Path:
+    """A model's directory; a missing one is a BenchError."""
+    from apar_worker.model_registry import resolve_model
+    from apar_worker.types import ModelLoadError
+
+    try:
+        return resolve_model(name)
+    except ModelLoadError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def model_pair(args: Any) -> tuple[Path, Path]:
+    """The APAR model's directory and its twin's (`args.baseline`, by default the model's base,
+    set on `args`); a missing model is "not found" before any baseline is looked up."""
+    from apar_worker.model_registry import default_baseline
+
+    apar_dir = model_dir(args.model)
+    args.baseline = args.baseline or default_baseline(args.model)
+    return apar_dir, model_dir(args.baseline)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for a measurement, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

