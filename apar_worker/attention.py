@@ -178,25 +178,7 @@ def paged_attention(
     gqa = num_heads != kvh
     out = q.new_empty((meta.num_tokens, num_heads, head_dim))
     if meta.dec_q_idx is not None:
-        b, nb = meta.dec_shape
-        if meta.dec_q_slice is not None:  # one token per row, consecutive: a view
-            qb = q[:, meta.dec_q_slice, None].transpose(0, 1)  # [B, H, 1, D]
-        else:
-            qb = q[:, meta.dec_q_idx].transpose(0, 1)  # [B, H, Q, D]
-        kb = _read(k_cache, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
-        vb = _read(v_cache, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
-        if meta.dec_groups:
-            scale = scaling or head_dim**-0.5
-            ob = run_cascade(q, qb, kb, vb, meta.dec_mask, k_cache, v_cache, meta.dec_groups, scale)
-        else:
-            ob = F.scaled_dot_product_attention(
-                qb, kb, vb, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa
-            )
-            ob = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
-        if meta.dec_q_slice is not None:
-            out[meta.dec_q_slice] = ob
-        else:
-            out[meta.dec_tok] = ob[meta.dec_valid]
+        _attend_short(out, q, k_cache, v_cache, meta, scaling)
     for start, end, blocks, ctx, mask in meta.long or ():
         qs = q[None, :, start:end]
         ks = _read(k_cache, blocks)[None, :, :ctx]
@@ -206,6 +188,32 @@ def paged_attention(
         )
         out[start:end] = os_[0].transpose(0, 1)
     return out[None], None
+
+
+def _attend_short(out, q, k_cache, v_cache, meta: AttentionMetadata, scaling: float | None) -> None:
+    """The batched short rows (decode, drafts): padded to one shape, attended together, or
+    through their groups' shared prefixes (cascade) when the metadata found any."""
+    kvh, _, bs, head_dim = k_cache.shape
+    num_heads = q.shape[0]
+    b, nb = meta.dec_shape
+    if meta.dec_q_slice is not None:  # one token per row, consecutive: a view
+        qb = q[:, meta.dec_q_slice, None].transpose(0, 1)  # [B, H, 1, D]
+    else:
+        qb = q[:, meta.dec_q_idx].transpose(0, 1)  # [B, H, Q, D]
+    kb = _read(k_cache, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
+    vb = _read(v_cache, meta.dec_blocks).view(kvh, b, nb * bs, head_dim).transpose(0, 1)
+    if meta.dec_groups:
+        scale = scaling or head_dim**-0.5
+        ob = run_cascade(q, qb, kb, vb, meta.dec_mask, k_cache, v_cache, meta.dec_groups, scale)
+    else:
+        ob = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=num_heads != kvh
+        )
+        ob = ob.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
+    if meta.dec_q_slice is not None:
+        out[meta.dec_q_slice] = ob
+    else:
+        out[meta.dec_tok] = ob[meta.dec_valid]
 
 
 def _read(cache: torch.Tensor, blocks: torch.Tensor | slice) -> torch.Tensor:
