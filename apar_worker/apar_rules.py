@@ -79,10 +79,9 @@ class AparRules:
         event = BranchEvent(req.request_id, br.id, _parent_id(br), [tok], created=first_root)
         results.append(event)
         if br.detok is not None:
-            delta = br.detok.add(tok)
-            br.text += delta
-            event.delta_text = delta
+            br.text += br.detok.add(tok)
             if req.sampling.stop and _cut_at_stop(br, req.sampling.stop):
+                br.text_cut = True
                 self.end_branch(br, "stop", event)
         if br.finished:
             pass
@@ -94,6 +93,7 @@ class AparRules:
             self.end_branch(br, "length", event)
         if state.num_generated >= req.sampling.max_tokens:
             self._end_request_at_max_tokens(state, br, event, results)
+        _stream_text(br, event, req.sampling.stop)
 
     def _end_request_at_max_tokens(
         self, state: RequestState, br: Branch, event: BranchEvent, results: list
@@ -104,6 +104,8 @@ class AparRules:
                 ev = BranchEvent(state.request_id, other.id, _parent_id(other), [])
                 results.append(ev)
             self.end_branch(other, "length", ev)
+            if other is not br:
+                _stream_text(other, ev, state.request.sampling.stop)
         state.finish_reason = "length"
 
     @staticmethod
@@ -130,6 +132,8 @@ class AparRules:
         if br.finished:
             return
         br.finish_reason = reason
+        if br.detok is not None and not br.text_cut:  # half a character may still be held back
+            br.text += br.detok.flush()
         self.kv.free(br)
         event.finish_reason = reason
 
@@ -139,6 +143,22 @@ class AparRules:
         context makes the answer "length", not "stop"."""
         cut = any(b.finish_reason == "length" for b in state.branches)
         return state.finish_reason or ("length" if cut else "stop")
+
+
+def held_back(stops: list[str]) -> int:
+    """Characters of a live branch's text not streamed yet: where a stop string may begin."""
+    return max(map(len, stops)) - 1 if stops else 0
+
+
+def _stream_text(br: Branch, event: BranchEvent, stops: list[str]) -> None:
+    """The event's delta of the branch's tracked text: all of it once the branch has ended, else
+    all but the last (longest stop string - 1) characters, where a stop string may still begin,
+    so the streamed text never runs past the final one."""
+    if br.detok is None:
+        return
+    upto = max(br.sent, len(br.text) - (0 if br.finished else held_back(stops)))
+    event.delta_text += br.text[br.sent : upto]
+    br.sent = upto
 
 
 def _parent_id(br: Branch) -> int | None:

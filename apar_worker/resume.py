@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from apar_worker.apar_rules import held_back
 from apar_worker.sequence import Branch, RequestState
 from apar_worker.types import InvalidRequestError, ResumedBranch
 
@@ -38,6 +39,8 @@ def rebuild_tree(
         if br.detok is not None:  # the text so far, so deltas and stop strings continue from it
             for tok in rb.token_ids:
                 br.text += br.detok.add(tok)
+            # what the client has of it: all but what a stop string may still begin in
+            br.sent = max(0, len(br.text) - held_back(state.request.sampling.stop))
         state.num_generated += len(rb.token_ids)
 
 

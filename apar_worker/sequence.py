@@ -36,6 +36,8 @@ class Branch:
     finish_reason: FinishReason | None = None
     detok: object | None = None  # IncrementalDetokenizer when text is tracked per step
     text: str = ""  # tracked text (only for stream/stop-string requests)
+    sent: int = 0  # characters of `text` handed out in events' delta_text so far
+    text_cut: bool = False  # a stop string cut `text`: it is final
     generator: object | None = None  # torch.Generator for seeded sampling
     # A re-admitted (preempted or resumed) child whose parent is live again: it computes
     # nothing until the parent's K/V reach this position, then shares them as at its fork.

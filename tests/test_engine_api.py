@@ -277,3 +277,58 @@ def test_shipped_chat_models_keep_user_text_inert():
         ids = encode_request(tok, hostile, len(tok))
         plain = encode_request(tok, GenerateRequest(messages=[{"role": "user", "content": "hi"}]), len(tok))
         assert sum(t in specials for t in ids) == sum(t in specials for t in plain), name
+
+
+def test_streamed_deltas_add_up_to_the_final_text_with_a_stop_string_across_tokens():
+    """A stop string may begin in one token and end in the next: the text it could begin in is
+    held back, so the deltas never run past the final text, and add up to it at the end."""
+    prompt = [5, 6, 7]
+    sampling = SamplingParams(max_tokens=14, ignore_eos=True)
+    base = small_engine().generate([GenerateRequest(prompt_token_ids=prompt, fork=False, sampling=sampling)])[
+        0
+    ]
+    cut = base.text.index(" ", len(base.text) // 2)
+    stop = base.text[cut - 2 : cut + 3]  # the end of one word, the space, the start of the next
+    final = base.text[: base.text.index(stop)]
+    eng = small_engine()
+    req = GenerateRequest(
+        prompt_token_ids=prompt,
+        fork=False,
+        stream=True,
+        sampling=SamplingParams(max_tokens=14, ignore_eos=True, stop=[stop]),
+    )
+    eng.add_request(req)
+    streamed, out = "", None
+    while out is None:
+        for item in eng.step():
+            if isinstance(item, RequestOutput):
+                out = item
+            else:
+                streamed += item.delta_text
+                assert final.startswith(streamed), "a delta ran past the final text"
+    assert out.finish_reason == "stop" and out.text == final
+    assert streamed == out.text
+    # without a stop string nothing is held back: every delta is sent the step it is decoded
+    eng = small_engine()
+    eng.add_request(GenerateRequest(prompt_token_ids=prompt, fork=False, stream=True, sampling=sampling))
+    deltas = [e.delta_text for e in eng.step() if isinstance(e, BranchEvent)]
+    assert deltas and base.text.startswith(deltas[0]) and deltas[0]
+
+
+class _ByteTokenizer:
+    """Token id = one UTF-8 byte: a character may take several tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_detokenizer_holds_half_characters_and_flushes_them_at_the_end():
+    from apar_worker.detokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(_ByteTokenizer())
+    data = "aé€".encode() + "€".encode()[:2]  # ends in half a character
+    text = "".join(detok.add(b) for b in data)
+    assert text == "aé€"  # nothing half-decoded was handed out
+    tail = detok.flush()
+    assert text + tail == bytes(data).decode("utf-8", errors="replace")  # what the final text says
+    assert detok.flush() == ""
