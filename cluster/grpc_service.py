@@ -75,6 +75,11 @@ def cancel_on_disconnect(handler: Callable[[Any, Any], AsyncIterator[Any]]) -> C
                 queue.put_nowait((_END, exc))
 
         task = asyncio.create_task(pump())
+        # The server may cancel this call while it writes a message and close this generator
+        # only when it is collected: its end (a client cancel included) cancels the task too.
+        add_done_callback = getattr(context, "add_done_callback", None)
+        if add_done_callback is not None:
+            add_done_callback(lambda _: task.cancel())
         try:
             while True:
                 message, exc = await queue.get()
