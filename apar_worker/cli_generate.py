@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 
+from apar_worker.speculative import SpeculativeConfig
 from apar_worker.types import AparError, GenerateRequest, SamplingParams
 
 
@@ -36,6 +37,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         default="none",
         choices=["none", "int8"],
         help="int8: weight-only int8 linear layers",
+    )
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',
     )
     p.add_argument(
         "--server", default=None, metavar="HOST:PORT", help="call an `apar serve` cluster over gRPC"
@@ -118,7 +125,11 @@ def run_local(args: argparse.Namespace) -> int:
         request.validate()
         engine = Engine(
             EngineConfig(
-                model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization
+                model=args.model,
+                device=args.device,
+                dtype=args.dtype,
+                quantization=args.quantization,
+                speculative=SpeculativeConfig.parse(args.speculative_config),
             )
         )
         start = time.monotonic()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from apar_worker.acceptance import LogitsHook, TokenApplier
 from apar_worker.apar_rules import AparRules, ControlIds
 from apar_worker.chat import encode_request
 from apar_worker.detokenizer import IncrementalDetokenizer
@@ -32,9 +32,10 @@ from apar_worker.model_runner import (
 from apar_worker.output import request_output
 from apar_worker.quantization import quantize_model
 from apar_worker.resume import rebuild_tree
-from apar_worker.sampling import make_generator, sample
+from apar_worker.sampling import make_generator, stream_key
 from apar_worker.scheduler import Scheduler, SchedulerConfig
 from apar_worker.sequence import Branch, RequestState, RequestStatus
+from apar_worker.speculative import Proposer, SpeculativeConfig, Speculator
 from apar_worker.types import (
     DEFAULT_BLOCK_SIZE,
     BranchEvent,
@@ -47,8 +48,7 @@ from apar_worker.types import (
 
 log = logging.getLogger(__name__)
 
-# hook(rows, logits) -> logits or None: sees raw logits of the sampling rows (tests, processors)
-LogitsHook = Callable[[list[tuple[RequestState, Branch]], torch.Tensor], "torch.Tensor | None"]
+__all__ = ["Engine", "EngineConfig", "LogitsHook"]  # hook(rows, logits): raw logits of sampled rows
 
 
 @dataclass
@@ -66,6 +66,9 @@ class EngineConfig:
     expected_forks: int = 4
     cascade_attention: bool = True  # sibling branches attend their shared prefix once (cascade.py)
     quantization: str | None = None  # None/"none": plain weights; "int8": apar_worker.quantization
+    # Speculative decoding for every request (None: only for requests that ask for it), as
+    # SpeculativeConfig or its dict / JSON form (apar_worker/speculative.py).
+    speculative: SpeculativeConfig | dict | str | None = None
 
 
 class Engine:
@@ -76,6 +79,7 @@ class Engine:
         model=None,
         tokenizer=None,
         logits_hook: LogitsHook | None = None,
+        proposers: dict[str, Proposer] | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         if model is None:
@@ -85,22 +89,11 @@ class Engine:
             raise ValueError("a tokenizer is required with an in-memory model")
         quantize_model(model, config.quantization)  # in place; a no-op unless "int8"
         self.tokenizer = tokenizer
-        self.logits_hook = logits_hook
         shape = model_shape(model)
         self.vocab_size = shape.vocab_size
         self.max_model_len = min(config.max_model_len or shape.max_model_len, shape.max_model_len)
         param = next(model.parameters())
-        num_blocks = config.num_blocks or self._blocks_in_budget(config, shape, param.dtype)
-        self.kv = KVManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        kv_cache = KVCache(
-            shape.num_layers,
-            num_blocks,
-            config.block_size,
-            shape.num_kv_heads,
-            shape.head_dim,
-            param.dtype,
-            param.device,
-        )
+        self.kv, kv_cache = self._make_kv(config, shape, param)
         self.runner = ModelRunner(model, kv_cache, config.cascade_attention)
         self.scheduler = Scheduler(
             self.kv,
@@ -113,11 +106,23 @@ class Engine:
         ids = ControlIds.of(model, tokenizer)
         self.fork_id, self.child_id, self.eos_ids = ids.fork, ids.child, ids.eos
         self.rules = AparRules(ids, self.max_model_len, self.kv, self._init_branch)
+        self.speculator = Speculator.build(config.speculative, ids.child, proposers)
+        self.applier = TokenApplier(self.rules, self.kv, self.speculator, logits_hook)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
         self.num_steps = 0
         self.generated_tokens = 0
         self.last_step_attended_tokens = 0
+
+    @classmethod
+    def _make_kv(
+        cls, config: EngineConfig, shape: ModelShape, param: torch.Tensor
+    ) -> tuple[KVManager, KVCache]:
+        """The block bookkeeping and the cache tensors it indexes, sized alike."""
+        num_blocks = config.num_blocks or cls._blocks_in_budget(config, shape, param.dtype)
+        kv = KVManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        dims = (shape.num_layers, num_blocks, config.block_size, shape.num_kv_heads, shape.head_dim)
+        return kv, KVCache(*dims, param.dtype, param.device)
 
     @staticmethod
     def _blocks_in_budget(config: EngineConfig, shape: ModelShape, dtype: torch.dtype) -> int:
@@ -130,6 +135,15 @@ class Engine:
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig | None = None, **kw) -> Engine:
         return cls(config, model=model, tokenizer=tokenizer, **kw)
+
+    @property
+    def logits_hook(self) -> LogitsHook | None:
+        """Sees (and may replace) the raw logits of the rows about to be sampled."""
+        return self.applier.hook
+
+    @logits_hook.setter
+    def logits_hook(self, hook: LogitsHook | None) -> None:
+        self.applier.hook = hook
 
     @property
     def pool(self) -> BlockPool:
@@ -165,7 +179,7 @@ class Engine:
 
     def _init_branch(self, state: RequestState, br: Branch) -> None:
         req = state.request
-        br.generator = make_generator(req.sampling.seed, br.id)
+        br.generator = make_generator(req.sampling.seed, stream_key(br.fork_path()))
         if req.stream or req.sampling.stop:
             br.detok = IncrementalDetokenizer(self.tokenizer)
         state.branches.append(br)
@@ -186,7 +200,7 @@ class Engine:
         results: list[BranchEvent | RequestOutput] = list(self._pending_outputs)
         self._pending_outputs.clear()
         self._expire_deadlines(results)
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(self.speculator.drafts(self.scheduler.running))
         for state, msg in sched.rejected:
             state.error = msg
             results.append(self._finish_request(state, "error"))
@@ -205,35 +219,11 @@ class Engine:
         self.last_step_attended_tokens = batch.meta.attended_tokens
         self.scheduler.update_from_output(sched)
         if batch.rows:
-            self._sample_and_apply(batch.rows, logits, results)
+            kept, finished = self.applier.apply(batch.rows, batch.first_row, batch.drafts, logits, results)
+            self.generated_tokens += kept
+            for state in finished:
+                results.append(self._finish_request(state, self.rules.finish_reason(state)))
         return results
-
-    def _sample_and_apply(self, rows: list[tuple[RequestState, Branch]], logits, results: list) -> None:
-        """Sample one token per row, apply the APAR rules, finish requests with no live branch."""
-        if self.logits_hook is not None:
-            replaced = self.logits_hook(rows, logits)
-            if replaced is not None:
-                logits = replaced
-        self.rules.mask_logits(rows, logits)
-        tokens = sample(
-            logits,
-            [s.request.sampling for s, _ in rows],
-            [br.tokens for _, br in rows],
-            [br.generator for _, br in rows],
-        )
-        now = time.monotonic()
-        finished: dict[int, RequestState] = {}
-        for (state, br), tok in zip(rows, tokens, strict=True):
-            if state.status is not RequestStatus.RUNNING or br.finished:
-                continue  # ended by max_tokens earlier in this loop
-            if state.first_token_time is None:
-                state.first_token_time = now
-            self.generated_tokens += 1
-            self.rules.on_token(state, br, tok, results)
-            if not state.live_branches():
-                finished[id(state)] = state
-        for state in finished.values():
-            results.append(self._finish_request(state, self.rules.finish_reason(state)))
 
     def _expire_deadlines(self, results: list) -> None:
         now = time.monotonic()
@@ -269,6 +259,8 @@ class Engine:
             steps=self.num_steps,
             num_preemptions=sch.num_preemptions,
             generated_tokens=self.generated_tokens,
+            spec_draft_tokens=self.speculator.draft_tokens,
+            spec_accepted_tokens=self.speculator.accepted_tokens,
         )
 
     def generate(self, requests: list[GenerateRequest]) -> list[RequestOutput]:

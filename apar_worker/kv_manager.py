@@ -37,6 +37,7 @@ class AdmissionPlan:
     need: int  # blocks it needs now, the blocks held back for its forks included
     available: int  # free blocks once revived hits and everyone's reservations are counted
     reserve: int = 0  # of `need`, the blocks held back for its forks
+    revived: int = 0  # cached blocks it takes off the free list, on top of `need`
 
     @property
     def fits(self) -> bool:
@@ -103,7 +104,7 @@ class KVManager:
         # a free cached block that several branches hit (a preempted request's shared prefix)
         # leaves the free list once
         revived = len({b for h in hits for b in h if self.pool.ref_counts[b] == 0})
-        return AdmissionPlan(branches, hits, need, self.pool.num_free - revived - held, reserve)
+        return AdmissionPlan(branches, hits, need, self.pool.num_free - revived - held, reserve, revived)
 
     def admit(self, state: RequestState, plan: AdmissionPlan) -> None:
         """Take the plan's cached blocks; the rest of each context is computed from there (a
@@ -150,6 +151,13 @@ class KVManager:
         br.num_computed += n
         for block, h in self._hash_full_blocks(br):
             self.pool.register(block, h)
+
+    def trim(self, br: Branch) -> None:
+        """Release the blocks past the branch's computed tokens: those a step allocated for
+        speculative drafts that were rejected (private, never hashed, so they go free)."""
+        keep = _cdiv(br.num_computed, self.block_size)
+        self.pool.free_table(br.block_table[keep:])
+        del br.block_table[keep:]
 
     def rejoin(self, state: RequestState) -> None:
         """Waiting children whose parent has computed their shared prefix take it (after commit)."""

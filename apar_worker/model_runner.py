@@ -80,8 +80,10 @@ class StepBatch:
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     seqs: list[SeqSlice] = field(default_factory=list)
-    sample_rows: list[int] = field(default_factory=list)  # flat index of each row that samples
-    rows: list[tuple[RequestState, Branch]] = field(default_factory=list)  # who samples each row
+    sample_rows: list[int] = field(default_factory=list)  # flat index of each logits row
+    rows: list[tuple[RequestState, Branch]] = field(default_factory=list)  # each branch that samples
+    first_row: list[int] = field(default_factory=list)  # its first logits row (index into sample_rows)
+    drafts: list[list[int]] = field(default_factory=list)  # its drafts: one more logits row each
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write before the forward
     meta: AttentionMetadata | None = None  # built by `execute`
 
@@ -101,12 +103,14 @@ class ModelRunner:
         for sb in sched.scheduled:
             br, start, n = sb.branch, sb.start, sb.num_tokens
             offset = len(batch.input_ids)
-            batch.input_ids.extend(br.tokens[start : start + n])
+            batch.input_ids.extend(br.tokens[start : start + sb.num_committed] + sb.draft)
             batch.positions.extend(range(start, start + n))
             batch.seqs.append(SeqSlice(offset, offset + n, br.block_table, start))
-            if sb.sample:
-                batch.sample_rows.append(offset + n - 1)
+            if sb.sample:  # the last real token and every draft predict a token each
+                batch.first_row.append(len(batch.sample_rows))
+                batch.sample_rows.extend(range(offset + sb.num_committed - 1, offset + n))
                 batch.rows.append((sb.request, br))
+                batch.drafts.append(sb.draft)
         return batch
 
     @torch.no_grad()

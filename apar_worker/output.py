@@ -54,6 +54,9 @@ def branch_infos(state: RequestState, decode: Decode, tracked: bool = False) -> 
                 finish_reason=b.finish_reason,
                 fork_position=b.fork_index,
                 token_ids=list(b.output_ids),
+                spec_steps=b.spec_steps,
+                spec_drafted=b.spec_drafted,
+                spec_accepted=b.spec_accepted,
             )
         )
     return infos

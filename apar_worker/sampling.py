@@ -1,8 +1,9 @@
 """Token sampling for one engine step: greedy, temperature, top-k, top-p, repetition penalty.
 
 Rows are independent: each branch samples with its own torch.Generator (seeded from the
-request seed and the branch id), so a seeded or greedy request gives the same tokens
-whatever else shares the batch.
+request seed and the branch's place in the tree, `stream_key`), so a seeded or greedy request
+gives the same tokens whatever else shares the batch, and whatever order its children were
+made in (speculative drafts let one branch run ahead of another).
 """
 
 from __future__ import annotations
@@ -12,11 +13,19 @@ import torch
 from apar_worker.types import SamplingParams
 
 
-def make_generator(seed: int | None, branch_id: int) -> torch.Generator | None:
+def stream_key(fork_path: list[int]) -> int:
+    """A branch's random stream: 0 for the root, else from the [Fork] indices that lead to it."""
+    key = 0
+    for index in fork_path:
+        key = (key * 1_000_003 + index + 1) % (2**61 - 1)
+    return key
+
+
+def make_generator(seed: int | None, stream: int) -> torch.Generator | None:
     if seed is None:
         return None
     g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + branch_id) % (2**63))
+    g.manual_seed((seed * 1_000_003 + stream) % (2**63))
     return g
 
 

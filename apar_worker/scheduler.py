@@ -32,8 +32,14 @@ class ScheduledBranch:
     request: RequestState
     branch: Branch
     start: int  # first position fed this step (== branch.num_computed when scheduled)
-    num_tokens: int
+    num_tokens: int  # fed this step, drafts included
     sample: bool  # the chunk reaches the branch's last token, so a new token is sampled
+    draft: list[int] = field(default_factory=list)  # speculative tokens fed after the last one
+
+    @property
+    def num_committed(self) -> int:
+        """Tokens whose K/V are valid once the step ran (drafts count only when accepted)."""
+        return self.num_tokens - len(self.draft)
 
 
 @dataclass
@@ -62,11 +68,14 @@ class _Batch:
     copies: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     out: SchedulerOutput = field(default_factory=SchedulerOutput)
 
-    def add(self, state: RequestState, br: Branch, n: int, copies: list[tuple[int, int]]) -> None:
-        self.chunks[id(br)] = ScheduledBranch(state, br, br.num_computed, n, n == br.num_pending)
+    def add(
+        self, state: RequestState, br: Branch, n: int, copies: list[tuple[int, int]], draft: list[int]
+    ) -> None:
+        total = n + len(draft)
+        self.chunks[id(br)] = ScheduledBranch(state, br, br.num_computed, total, n == br.num_pending, draft)
         if copies:
             self.copies[id(br)] = copies
-        self.budget -= n
+        self.budget -= total
 
     def drop(self, state: RequestState) -> None:
         for br in state.branches:
@@ -106,13 +115,16 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: dict[int, list[int]] | None = None) -> SchedulerOutput:
+        """`drafts`: id(branch) -> speculative tokens a decoding branch may feed after its
+        pending ones (dropped when the budget or the pool has no room for them)."""
         batch = _Batch(self.config.max_num_batched_tokens)
+        drafts = drafts or {}
         # Decode-like branches first so a long prefill never stalls running streams.
         for short in (True, False):
             i = 0
             while i < len(self.running) and batch.budget > 0:
-                if self._schedule_running(self.running[i], batch, short):
+                if self._schedule_running(self.running[i], batch, short, drafts):
                     i += 1  # else it was preempted: running[i] is the next request now
         self._admit(batch)
         return batch.finish()
@@ -122,9 +134,11 @@ class Scheduler:
         for state in out.requests:
             state.steps += 1
         for sb in out.scheduled:
-            self.kv.commit(sb.branch, sb.num_tokens)
+            self.kv.commit(sb.branch, sb.num_committed)
 
-    def _schedule_running(self, state: RequestState, batch: _Batch, short: bool) -> bool:
+    def _schedule_running(
+        self, state: RequestState, batch: _Batch, short: bool, drafts: dict[int, list[int]]
+    ) -> bool:
         """Schedule the pending tokens of one running request's branches of one kind (short:
         at most MAX_BATCHED_QUERY tokens); False if the request itself had to be preempted."""
         self.kv.rejoin(state)
@@ -139,14 +153,18 @@ class Scheduler:
             n = min(br.num_pending - hold, batch.budget)
             if n <= 0:
                 continue
-            copies = self.kv.allocate(br, n)
+            draft = _fitting_draft(drafts.get(id(br), []), br, n, batch.budget)
+            copies = self.kv.allocate(br, n + len(draft))
+            if copies is None and draft:  # no room for drafts: plain decoding first
+                draft = []
+                copies = self.kv.allocate(br, n)
             while copies is None:  # out of blocks: preempt the newest request, then try again
                 victim = self.running[-1]
                 self._preempt(victim, batch)
                 if victim is state:
                     return False
                 copies = self.kv.allocate(br, n)
-            batch.add(state, br, n, copies)
+            batch.add(state, br, n, copies, draft)
         return True
 
     def _admit(self, batch: _Batch) -> None:
@@ -165,7 +183,7 @@ class Scheduler:
             if not plan.fits and not (not self.running and plan.fits_without_reserve):
                 if not self.running:
                     self.waiting.popleft()
-                    msg = f"request needs {plan.need - plan.reserve} KV blocks, the pool has {self.kv.num_blocks}"
+                    msg = f"request needs {plan.need - plan.reserve + plan.revived} KV blocks, the pool has {self.kv.num_blocks}"
                     batch.out.rejected.append((state, msg))
                     continue
                 break
@@ -184,7 +202,7 @@ class Scheduler:
                 copies = self.kv.allocate(br, n)
                 if copies is None:  # cannot happen after the plan fitted
                     raise RuntimeError("admission check passed but blocks ran out")
-                batch.add(state, br, n, copies)
+                batch.add(state, br, n, copies, [])
 
     def _preempt(self, state: RequestState, batch: _Batch) -> None:
         """Free every block of the request and queue it first, to be recomputed (vLLM's policy)."""
@@ -196,6 +214,14 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(state)
         batch.out.preempted.append(state)
+
+
+def _fitting_draft(draft: list[int], br: Branch, n: int, budget: int) -> list[int]:
+    """The part of a branch's drafts that fits this step: only after its whole pending chunk,
+    within the token budget, and short enough to stay in the batched decode attention."""
+    if not draft or n != br.num_pending:
+        return []
+    return draft[: max(0, min(budget - n, MAX_BATCHED_QUERY - n))]
 
 
 def _holds_back(state: RequestState) -> int:

@@ -42,12 +42,26 @@ class Branch:
     # A re-admitted (preempted or resumed) child whose parent is live again: it computes
     # nothing until the parent's K/V reach this position, then shares them as at its fork.
     wait_for_parent: int | None = None
+    # Speculative decoding (apar_worker/speculative.py): steps it fed drafts in, drafts fed,
+    # drafts accepted, and a running mean of its acceptance rate (adaptive k).
+    spec_steps: int = 0
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+    spec_recent: float = 1.0
 
     @property
     def output_ids(self) -> list[int]:
         """Tokens this branch produced itself (sampled; a child's forced [Child] excluded)."""
         start = self.own_start + (1 if self.parent is not None else 0)
         return self.tokens[start:]
+
+    def fork_path(self) -> list[int]:
+        """The [Fork] indices (each in its parent's output) from the root down to this branch."""
+        path, br = [], self
+        while br.parent is not None:
+            path.append(br.fork_index)
+            br = br.parent
+        return path[::-1]
 
     @property
     def finished(self) -> bool:

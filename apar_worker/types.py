@@ -24,6 +24,9 @@ FORK_TOKEN = "[Fork]"
 CHILD_TOKEN = "[Child]"
 CONTROL_TOKENS = (FORK_TOKEN, CHILD_TOKEN)
 
+# Draft proposers of speculative decoding (apar_worker/speculative.py).
+SPECULATIVE_METHODS = ("ngram", "draft_heads")
+
 
 class AparError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -106,6 +109,9 @@ class GenerateRequest:
     # Failover: continue these branches (root first, parents before children) instead of
     # starting over; their tokens are prefilled as context (apar_worker/resume.py).
     resume: list[ResumedBranch] | None = None
+    # Speculative decoding: None follows the deployment, "off" disables it, a method
+    # (SPECULATIVE_METHODS) picks that proposer for this request.
+    speculative: str | None = None
 
     def validate(self) -> None:
         given = [x is not None for x in (self.prompt, self.prompt_token_ids, self.messages)]
@@ -129,6 +135,10 @@ class GenerateRequest:
             raise InvalidRequestError(f"max_branches must be >= 1, got {self.max_branches}")
         if not self.request_id:
             raise InvalidRequestError("request_id must not be empty")
+        if self.speculative not in (None, "off", *SPECULATIVE_METHODS):
+            raise InvalidRequestError(
+                f"speculative must be 'off' or one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}"
+            )
         self.sampling.validate()
 
 
@@ -143,6 +153,14 @@ class BranchInfo:
     finish_reason: FinishReason | None
     fork_position: int | None = None  # index in the parent's output tokens where it forked
     token_ids: list[int] = field(default_factory=list)  # own output tokens, control tokens included
+    spec_steps: int = 0  # steps it fed speculative drafts in
+    spec_drafted: int = 0  # drafts it fed
+    spec_accepted: int = 0  # ... of which accepted
+
+    @property
+    def acceptance_length(self) -> float | None:
+        """Tokens it gained per step that fed drafts (accepted drafts + the one sampled)."""
+        return 1 + self.spec_accepted / self.spec_steps if self.spec_steps else None
 
 
 @dataclass
@@ -190,6 +208,15 @@ class RequestOutput:
                     "text": b.text,
                     "num_tokens": b.num_tokens,
                     "finish_reason": b.finish_reason,
+                    **(
+                        {
+                            "draft_tokens": b.spec_drafted,
+                            "accepted_tokens": b.spec_accepted,
+                            "acceptance_length": round(b.acceptance_length, 3),
+                        }
+                        if b.acceptance_length is not None
+                        else {}
+                    ),
                 }
                 for b in self.branches
             ],
@@ -213,3 +240,5 @@ class EngineStats:
     steps: int
     num_preemptions: int
     generated_tokens: int
+    spec_draft_tokens: int = 0  # speculative drafts fed, all steps
+    spec_accepted_tokens: int = 0  # ... of which accepted

@@ -54,8 +54,8 @@ def test_resumed_request_ends_as_if_never_interrupted(cut):
     scheduled = second.scheduler.schedule
     steps: list[set[int]] = []  # branch ids scheduled in each of the resumed run's first steps
 
-    def spy():
-        out = scheduled()
+    def spy(drafts=None):
+        out = scheduled(drafts)
         steps.append({sb.branch.id for sb in out.scheduled})
         if len(steps) == 4:
             second.scheduler.schedule = scheduled
@@ -76,6 +76,7 @@ def test_resumed_request_ends_as_if_never_interrupted(cut):
                 )
         peak = max(peak, second.pool.num_blocks - second.pool.num_free)
     live = {b.id: b for b in tree if b.finish_reason is None}
+
     # The first step prefills the branches with no live parent; a child takes the shared prefix
     # from its parent once computed (no second copy of it) and prefills its own part a step later.
     def rejoin_step(b) -> int:

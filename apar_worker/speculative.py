@@ -1,0 +1,183 @@
+"""Speculative decoding inside APAR branches: who proposes drafts, and how many.
+
+A branch in decode may feed its pending token plus k draft tokens in one step; the engine then
+samples each of those positions in order with the branch's own sampler and keeps a draft
+while it equals what was sampled (`apar_worker/acceptance.py`). Every proposal here is a single
+token (a point mass q), for which the standard rejection rule (accept with min(1, p/q), else
+resample from norm(max(0, p - q))) is exactly "sample from p, keep while equal": the output
+distribution, and a greedy or seeded output token for token, are those without drafts.
+
+k adapts to the batch: drafts cost compute a full batch no longer has spare, so all decoding
+branches together feed at most `token_budget` tokens (their pending ones included), and a
+branch whose recent drafts were rejected proposes fewer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Protocol
+
+from apar_worker.sequence import Branch, RequestState
+from apar_worker.types import SPECULATIVE_METHODS, InvalidRequestError
+
+MAX_SPECULATIVE_TOKENS = 6  # pending (at most 2: a child's [Fork][Child]) + drafts stay batched
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM-style `speculative` config: `{"method": "ngram", "num_speculative_tokens": 4}`."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2  # ngram: shortest suffix of the context matched
+    prompt_lookup_max: int = 4  # ngram: longest suffix tried first
+    token_budget: int = 24  # adaptive k: tokens all decoding branches feed together, drafts included
+    draft_heads: str | None = None  # draft_heads: file of trained heads (default: the model's own)
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidRequestError(
+                f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}"
+            )
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise InvalidRequestError(
+                f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}"
+            )
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise InvalidRequestError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if not isinstance(self.token_budget, int) or self.token_budget < 2:
+            raise InvalidRequestError(f"token_budget must be an integer >= 2, got {self.token_budget!r}")
+
+    @classmethod
+    def parse(cls, value: str | dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """From a JSON string (`--speculative-config`), a dict (config file) or None (off)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            if value.strip().lower() in ("", "none", "off", "null"):
+                return None
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(f"speculative config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise InvalidRequestError("speculative config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown speculative config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**value)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Proposer(Protocol):
+    """Proposes up to `k` draft tokens that would follow a branch's context."""
+
+    def propose(self, state: RequestState, br: Branch, k: int) -> list[int]: ...
+
+
+class NgramProposer:
+    """Prompt lookup (model-free): find the latest earlier occurrence of the context's last n
+    tokens (n from `max_n` down to `min_n`) in the branch's own visible context (prompt and
+    ancestry) and propose what followed it."""
+
+    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+        self.min_n, self.max_n = min_n, max_n
+
+    def propose(self, state: RequestState, br: Branch, k: int) -> list[int]:
+        return ngram_lookup(br.tokens, k, self.min_n, self.max_n)
+
+
+def ngram_lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    size = len(tokens)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        pattern = tokens[size - n :]
+        first = pattern[0]
+        for i in range(size - n - 1, -1, -1):
+            if tokens[i] == first and tokens[i : i + n] == pattern:
+                return tokens[i + n : i + n + k]
+    return []
+
+
+class Speculator:
+    """Per step: how many drafts each decoding branch may feed, and the drafts themselves."""
+
+    def __init__(
+        self, config: SpeculativeConfig | None, proposers: dict[str, Proposer], child_id: int | None
+    ):
+        self.config = config
+        self.proposers = proposers
+        self.child_id = child_id  # [Child] is never accepted, so never proposed either
+        self.draft_tokens = 0  # drafts fed (all steps)
+        self.accepted_tokens = 0  # ... of which accepted
+
+    @classmethod
+    def build(
+        cls, value: SpeculativeConfig | dict | str | None, child_id: int | None, proposers: dict | None = None
+    ) -> Speculator:
+        """The engine's speculator: ngram always (a request may ask for it), others as given."""
+        spec = SpeculativeConfig.parse(value)
+        lookup = spec or SpeculativeConfig()
+        found = {
+            "ngram": NgramProposer(lookup.prompt_lookup_min, lookup.prompt_lookup_max),
+            **(proposers or {}),
+        }
+        return cls(spec, found, child_id)
+
+    def method_for(self, state: RequestState) -> str | None:
+        """The request's own choice ("off" or a method), else the deployment's."""
+        chosen = state.request.speculative
+        if chosen == "off":
+            return None
+        return chosen or (self.config.method if self.config else None)
+
+    def drafts(self, running: list[RequestState]) -> dict[int, list[int]]:
+        """id(branch) -> draft tokens, for the decoding branches of requests that speculate."""
+        decoding: list[tuple[RequestState, Branch, Proposer]] = []
+        for state in running:
+            method = self.method_for(state)
+            if method is None:
+                continue
+            proposer = self.proposers.get(method)
+            if proposer is None:
+                continue
+            if any(br.wait_for_parent is not None for br in state.live_branches()):
+                continue  # rejoining after preemption: every branch steps in lockstep
+            for br in state.live_branches():
+                if 1 <= br.num_pending <= 2:
+                    decoding.append((state, br, proposer))
+        if not decoding:
+            return {}
+        cfg = self.config or SpeculativeConfig()
+        per_branch = cfg.token_budget // len(decoding)
+        out: dict[int, list[int]] = {}
+        for state, br, proposer in decoding:
+            k = min(cfg.num_speculative_tokens, per_branch - br.num_pending, _trust(br, cfg))
+            if k <= 0:
+                continue
+            draft = proposer.propose(state, br, k)[:k]
+            if self.child_id is not None and self.child_id in draft:
+                draft = draft[: draft.index(self.child_id)]
+            if draft:
+                out[id(br)] = draft
+        return out
+
+    def record(self, br: Branch, drafted: int, accepted: int) -> None:
+        br.spec_steps += 1
+        br.spec_drafted += drafted
+        br.spec_accepted += accepted
+        br.spec_recent = (br.spec_recent * 3 + accepted / drafted) / 4 if drafted else br.spec_recent
+        self.draft_tokens += drafted
+        self.accepted_tokens += accepted
+
+
+def _trust(br: Branch, cfg: SpeculativeConfig) -> int:
+    """Drafts a branch may feed from its recent acceptance rate: all of k while most are kept,
+    down to 1 when few are (1 still probes whether the text turned repetitive again)."""
+    return max(1, round(cfg.num_speculative_tokens * min(1.0, 2 * br.spec_recent)))
