@@ -55,10 +55,28 @@ def _train(args: argparse.Namespace) -> int:
             return _fail(str(exc))
         print(json.dumps({"model_dir": str(out), "steps": args.export_step}))
         return 0
+    if args.draft_heads:
+        return _train_heads(cfg, args)
     if args.steps is not None:
         cfg.train.steps = args.steps
     info = train(cfg, progress=not args.quiet)
     print(json.dumps({"model_dir": cfg.out_dir, **info}))
+    return 0
+
+
+def _train_heads(cfg, args: argparse.Namespace) -> int:
+    """Draft heads for the model this config trained, written next to it."""
+    from apar_train.draft_heads import HeadsConfig, train_heads
+    from apar_worker.model_registry import shipped_models
+    from apar_worker.types import AparError
+
+    model = cfg.name if cfg.name in shipped_models() else cfg.out_dir
+    heads = HeadsConfig(model=model, num_prompts=args.heads_prompts, epochs=args.heads_epochs)
+    try:
+        info = train_heads(heads, Path(cfg.out_dir), progress=not args.quiet)
+    except (AparError, OSError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(info))
     return 0
 
 
@@ -89,6 +107,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=None, help="override the config's step count")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--export-step", type=int, default=None, help="only export the snapshot of this step")
+    t.add_argument(
+        "--draft-heads",
+        action="store_true",
+        help="instead: fit speculative draft heads on the trained model's own answers (shipped beside it)",
+    )
+    t.add_argument("--heads-prompts", type=int, default=320, help="training prompts answered for the heads")
+    t.add_argument("--heads-epochs", type=int, default=4, help="epochs over the recorded states")
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="fork rate, step ratio and held-out loss vs a sequential twin")

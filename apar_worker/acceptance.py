@@ -37,8 +37,9 @@ class TokenApplier:
 
     def apply(
         self, rows: Rows, first_row: list[int], drafts: list[list[int]], logits: torch.Tensor, results: list
-    ) -> tuple[int, list[RequestState]]:
-        """Sample every row wave by wave; returns (tokens kept, requests left with no live branch)."""
+    ) -> tuple[int, list[int], list[RequestState]]:
+        """Sample every row wave by wave; returns (tokens kept, per branch the logits row of its
+        last token (-1: none), requests left with no live branch)."""
         now = time.monotonic()
         kept = [0] * len(rows)
         accepted = [0] * len(rows)
@@ -69,7 +70,8 @@ class TokenApplier:
                 if not br.finished:
                     self.kv.trim(br)
         finished = {id(s): s for s, _ in rows if s.status is RequestStatus.RUNNING and not s.live_branches()}
-        return sum(kept), list(finished.values())
+        last = [first_row[i] + n - 1 if n else -1 for i, n in enumerate(kept)]
+        return sum(kept), last, list(finished.values())
 
     def _sample(self, rows: Rows, logits: torch.Tensor) -> list[int]:
         if self.hook is not None:

@@ -70,8 +70,14 @@ def build_request(args: argparse.Namespace, stream: bool) -> GenerateRequest:
         if args.raw_prompt
         else {"messages": [{"role": "user", "content": args.prompt}]}
     )
+    spec = SpeculativeConfig.parse(args.speculative_config)  # --server: the method, per request
     return GenerateRequest(
-        sampling=sampling, fork=not args.no_fork, max_branches=args.max_branches, stream=stream, **kw
+        sampling=sampling,
+        fork=not args.no_fork,
+        max_branches=args.max_branches,
+        stream=stream,
+        speculative=spec.method if spec else None,
+        **kw,
     )
 
 

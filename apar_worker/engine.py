@@ -21,6 +21,7 @@ from apar_worker.chat import encode_request
 from apar_worker.detokenizer import IncrementalDetokenizer
 from apar_worker.kv_cache import BlockPool, KVCache
 from apar_worker.kv_manager import KVManager
+from apar_worker.model_registry import resolve_model
 from apar_worker.model_runner import (
     ModelRunner,
     ModelShape,
@@ -82,7 +83,9 @@ class Engine:
         proposers: dict[str, Proposer] | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
+        model_dir = None  # where draft heads may be: only for a model loaded by name
         if model is None:
+            model_dir = resolve_model(config.model)
             device = pick_device(config.device)
             model, tokenizer = load_model_and_tokenizer(config.model, device, parse_dtype(config.dtype))
         if tokenizer is None:
@@ -106,7 +109,8 @@ class Engine:
         ids = ControlIds.of(model, tokenizer)
         self.fork_id, self.child_id, self.eos_ids = ids.fork, ids.child, ids.eos
         self.rules = AparRules(ids, self.max_model_len, self.kv, self._init_branch)
-        self.speculator = Speculator.build(config.speculative, ids.child, proposers)
+        self.speculator = Speculator.build(config.speculative, ids.child, model, model_dir, proposers)
+        self.runner.keep_hidden = self.speculator.wants_hidden
         self.applier = TokenApplier(self.rules, self.kv, self.speculator, logits_hook)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
@@ -157,6 +161,7 @@ class Engine:
 
     def add_request(self, req: GenerateRequest) -> None:
         req.validate()
+        self.speculator.check(req)
         if req.request_id in self.requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
         prompt_ids = self.tokenize(req)
@@ -219,8 +224,11 @@ class Engine:
         self.last_step_attended_tokens = batch.meta.attended_tokens
         self.scheduler.update_from_output(sched)
         if batch.rows:
-            kept, finished = self.applier.apply(batch.rows, batch.first_row, batch.drafts, logits, results)
+            kept, last, finished = self.applier.apply(
+                batch.rows, batch.first_row, batch.drafts, logits, results
+            )
             self.generated_tokens += kept
+            self.speculator.observe(batch.rows, last, self.runner.last_hidden)
             for state in finished:
                 results.append(self._finish_request(state, self.rules.finish_reason(state)))
         return results

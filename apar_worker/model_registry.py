@@ -113,6 +113,15 @@ def build_assembly(adapter_dir: Path, base: Path, out: Path) -> None:
     (out / ASSEMBLED).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def adapter_of(model_dir: Path) -> Path | None:
+    """The adapter directory an assembled checkpoint was built from (files shipped beside the
+    adapter, such as draft heads, live there); None for any other directory."""
+    marker = model_dir / ASSEMBLED
+    if not marker.is_file():
+        return None
+    return Path(json.loads(marker.read_text())["adapter"])
+
+
 def default_baseline(name: str) -> str:
     """The sequential baseline a figure compares a model with: an adapter model's own base,
     a shipped model's `-seq` twin; anything else must name its baseline."""

@@ -95,6 +95,8 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.cascade_attention = cascade_attention  # shared prefixes attended once (apar_worker/cascade.py)
         self.device = next(model.parameters()).device
+        self.keep_hidden = False  # keep the sampled rows' last hidden states (draft heads read them)
+        self.last_hidden: torch.Tensor | None = None  # [rows, H] of the last step, when kept
 
     @staticmethod
     def prepare(sched: SchedulerOutput) -> StepBatch:
@@ -127,7 +129,12 @@ class ModelRunner:
         FORWARD_CONTEXT.kv_cache = self.kv_cache
         FORWARD_CONTEXT.meta = meta
         try:
-            out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep)
+            if not self.keep_hidden:
+                out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep)
+                return out.logits[0].float()
+            # the causal LM's own forward, split where the output embedding reads the hidden states
+            hidden = self.model.base_model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            self.last_hidden = hidden[0, keep]
+            return self.model.get_output_embeddings()(self.last_hidden).float()
         finally:
             FORWARD_CONTEXT.meta = None
-        return out.logits[0].float()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Protocol
 
 from apar_worker.sequence import Branch, RequestState
@@ -119,16 +120,57 @@ class Speculator:
 
     @classmethod
     def build(
-        cls, value: SpeculativeConfig | dict | str | None, child_id: int | None, proposers: dict | None = None
+        cls,
+        value: SpeculativeConfig | dict | str | None,
+        child_id: int | None,
+        model=None,
+        model_dir: Path | None = None,
+        proposers: dict | None = None,
     ) -> Speculator:
-        """The engine's speculator: ngram always (a request may ask for it), others as given."""
+        """The engine's speculator: ngram always (any request may ask for it), draft heads when
+        the model directory has them (or the config names a file), and any given proposers."""
         spec = SpeculativeConfig.parse(value)
         lookup = spec or SpeculativeConfig()
-        found = {
-            "ngram": NgramProposer(lookup.prompt_lookup_min, lookup.prompt_lookup_max),
-            **(proposers or {}),
-        }
+        found: dict = {"ngram": NgramProposer(lookup.prompt_lookup_min, lookup.prompt_lookup_max)}
+        if model is not None and (model_dir is not None or lookup.draft_heads):
+            from apar_worker.draft_heads import load_proposer  # torch: only with a real model
+
+            heads = load_proposer(model, model_dir, lookup.draft_heads)
+            if heads is not None:
+                found["draft_heads"] = heads
+        found.update(proposers or {})
+        if spec is not None and spec.method not in found:
+            raise InvalidRequestError(
+                f"speculative method {spec.method!r}: this model has no draft heads "
+                "(train them with `apar train --config NAME --draft-heads`)"
+            )
         return cls(spec, found, child_id)
+
+    @property
+    def wants_hidden(self) -> bool:
+        """A proposer reads the hidden states of each step (draft heads)."""
+        return any(hasattr(p, "observe") for p in self.proposers.values())
+
+    def check(self, request) -> None:
+        """A request may only ask for a proposer the engine has."""
+        if request.speculative not in (None, "off") and request.speculative not in self.proposers:
+            raise InvalidRequestError(
+                f"speculative {request.speculative!r} is not available here (have: {', '.join(self.proposers)})"
+            )
+
+    def observe(self, rows: list[tuple[RequestState, Branch]], last: list[int], hidden) -> None:
+        """After a step: proposers that read hidden states see the rows of their requests."""
+        if hidden is None:
+            return
+        for name, proposer in self.proposers.items():
+            if not hasattr(proposer, "observe"):
+                continue
+            sel = [
+                i
+                for i, (state, br) in enumerate(rows)
+                if last[i] >= 0 and not br.finished and self.method_for(state) == name
+            ]
+            proposer.observe([rows[i] for i in sel], hidden[[last[i] for i in sel]])
 
     def method_for(self, state: RequestState) -> str | None:
         """The request's own choice ("off" or a method), else the deployment's."""

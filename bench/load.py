@@ -36,11 +36,13 @@ from bench.targets import CompletionsTarget, EngineTarget, GrpcTarget, HttpTarge
 
 APAR, TWIN, VLLM, ENGINE = "apar", "twin", "twin-vllm", "twin-engine"
 APAR_HTTP, TWIN_HTTP = "apar-http", "twin-http"
+APAR_SPEC = "apar-spec"  # with --speculative: the APAR cluster again, requests drafting
 LLAMA = "twin-llamacpp"
 LABELS = {
     APAR: "APAR, our cluster (gRPC)",
     TWIN: "twin, our cluster (gRPC)",
     APAR_HTTP: "APAR, our cluster (OpenAI HTTP)",
+    APAR_SPEC: "APAR + speculative, our cluster (gRPC)",
     TWIN_HTTP: "twin, our cluster (OpenAI HTTP)",
     VLLM: "twin, vLLM-CPU",
     ENGINE: "twin, our engine in-process",
@@ -118,11 +120,17 @@ def run_cluster(
     """The same cluster through gRPC, then through its OpenAI HTTP endpoint (a name "" skips one)."""
     out: dict[str, list[dict[str, Any]]] = {}
     grpc_name, http_name = names
-    if grpc_name:
-        target = GrpcTarget(grpc_addr, fork=fork, timeout_s=args.timeout, unary=args.unary)
+    # with --speculative the deployment drafts; plain targets' requests say "off"
+    runs = [(grpc_name, "off" if args.speculative else "")]
+    if args.speculative and grpc_name == APAR:
+        runs.append((APAR_SPEC, ""))
+    for name, spec in runs:
+        if not name:
+            continue
+        target = GrpcTarget(grpc_addr, fork=fork, timeout_s=args.timeout, unary=args.unary, speculative=spec)
         try:
             target(prompts[0], 8)  # warm-up
-            out[grpc_name] = run_target(grpc_name, target, prompts, args)
+            out[name] = run_target(name, target, prompts, args)
         finally:
             target.close()
     if http_name and http_addr:
@@ -136,7 +144,12 @@ def serve_config(model: str, args) -> dict[str, Any]:
     """One worker replica on one core: the same footprint as the one vLLM engine process."""
     return {
         "model": model,
-        "engine": {"device": "cpu", "kv_cache_memory_mb": 128, "max_num_seqs": 128},
+        "engine": {
+            "device": "cpu",
+            "kv_cache_memory_mb": 128,
+            "max_num_seqs": 128,
+            "speculative": args.speculative,
+        },
         "limits": {"max_tokens": 2048},
         "worker": {"num_replicas": 1, "num_cpus": 1.0, "max_ongoing_requests": args.max_requests + 8},
         "ingress": {"num_cpus": 0.1},
@@ -144,6 +157,8 @@ def serve_config(model: str, args) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if isinstance(args.speculative, str):  # the bare flag's default is not run through `type`
+        args.speculative = _spec(args.speculative)
     prompts = mixed_prompts(args.prompts, 64, seed=0)
     targets: dict[str, list[dict[str, Any]]] = {}
     notes: list[str] = []
@@ -267,6 +282,8 @@ def saturation(targets: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             if peer in best:
                 out[f"apar_vs_{peer}_tok_s"] = ratio(best[APAR]["out_tok_s"], best[peer]["out_tok_s"])
                 out[f"apar_vs_{peer}_req_s"] = ratio(best[APAR]["req_s"], best[peer]["req_s"])
+    if APAR in best and APAR_SPEC in best:  # issue 15: drafting must not cost throughput under load
+        out["apar_spec_vs_apar_tok_s"] = ratio(best[APAR_SPEC]["out_tok_s"], best[APAR]["out_tok_s"])
     if TWIN in best and VLLM in best:
         out["twin_ours_vs_vllm_tok_s"] = ratio(best[TWIN]["out_tok_s"], best[VLLM]["out_tok_s"])
     return out
@@ -280,6 +297,19 @@ def _rates(text: str) -> list[float]:
     if not rates or any(r <= 0 or r > 100 for r in rates):
         raise argparse.ArgumentTypeError("--rate values must be in (0, 100] req/s")
     return rates
+
+
+def _spec(text: str) -> dict:
+    from apar_worker.speculative import SpeculativeConfig
+    from apar_worker.types import InvalidRequestError
+
+    try:
+        spec = SpeculativeConfig.parse(text)
+    except InvalidRequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if spec is None:
+        raise argparse.ArgumentTypeError('--speculative wants a config such as \'{"method": "ngram"}\'')
+    return spec.to_dict()
 
 
 def _targets(text: str) -> list[str]:
@@ -312,6 +342,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="our cluster via unary Generate (TTFT from the replica), not streamed",
     )
+    p.add_argument("--speculative", nargs="?", const='{"method": "ngram"}', default=None, metavar="JSON",
+                   type=_spec, help="APAR also with speculative decoding, same cluster (default ngram)")  # fmt: skip
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
     p.add_argument(
         "--targets",

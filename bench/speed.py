@@ -31,16 +31,19 @@ from bench.common import (
 from bench.llamacpp_peer import same_prefix_share
 
 APAR, TWIN, HF, VLLM = "apar", "twin", "twin-hf", "twin-vllm"
+APAR_SPEC, TWIN_SPEC = "apar-spec", "twin-spec"  # with --speculative: the same engines, drafting
 LLAMA_Q4, LLAMA_F32 = "twin-llamacpp-q4_1", "twin-llamacpp-f32"
 LABELS = {
     APAR: "APAR model, our engine (fork)",
+    APAR_SPEC: "APAR model, our engine (fork + speculative)",
     TWIN: "sequential baseline, our engine",
+    TWIN_SPEC: "sequential baseline, our engine (speculative)",
     HF: "sequential baseline, transformers generate",
     VLLM: "sequential baseline, vLLM-CPU",
     LLAMA_Q4: "sequential baseline, llama.cpp Q4_1 GGUF",
     LLAMA_F32: "sequential baseline, llama.cpp F32 GGUF",
 }
-ORDER = (APAR, TWIN, HF, VLLM, LLAMA_Q4, LLAMA_F32)
+ORDER = (APAR, APAR_SPEC, TWIN, TWIN_SPEC, HF, VLLM, LLAMA_Q4, LLAMA_F32)
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Run:
         default_factory=list
     )  # per step: (blocks in use, tokens stored)
     block_size: int = 0
+    spec_steps: int = 0  # branch-steps that fed speculative drafts
+    spec_accepted: int = 0  # drafts kept, all branches
 
     @property
     def fragmentation(self) -> float | None:
@@ -102,11 +107,19 @@ def prompt_ids(engine, prompt: Prompt) -> list[int]:
     return engine.tokenize(GenerateRequest(prompt=prompt.text))
 
 
-def run_engine(engine, system: str, prompt: Prompt, ids: list[int], max_tokens: int, fork: bool) -> Run:
-    """One request alone on `engine`; watches the pool and attention work after every step."""
+def run_engine(
+    engine, system: str, prompt: Prompt, ids: list[int], max_tokens: int, fork: bool, spec: bool = False
+) -> Run:
+    """One request alone on `engine` (drafting only if `spec`); watches the pool and attention
+    work after every step."""
     from apar_worker.types import GenerateRequest, RequestOutput, SamplingParams
 
-    req = GenerateRequest(prompt_token_ids=ids, fork=fork, sampling=SamplingParams(max_tokens=max_tokens))
+    req = GenerateRequest(
+        prompt_token_ids=ids,
+        fork=fork,
+        sampling=SamplingParams(max_tokens=max_tokens),
+        speculative=None if spec else "off",
+    )
     pool = engine.pool
     peak, attended, timeline = 0, 0, []
     start = time.perf_counter()
@@ -138,6 +151,8 @@ def run_engine(engine, system: str, prompt: Prompt, ids: list[int], max_tokens: 
         out.branches[0].token_ids if len(out.branches) == 1 else [],
         timeline,
         engine.kv.block_size,
+        sum(b.spec_steps for b in out.branches),
+        sum(b.spec_accepted for b in out.branches),
     )
 
 
@@ -197,7 +212,14 @@ def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
             "median_step_ratio_vs_twin": median(
                 [ratio(rs[i].steps, twin[i].steps) for i in ids if i in twin]
             ),
+            # wall time per step against the twin's: what feeding more tokens a step costs
+            "median_step_cost_vs_twin": median(
+                [ratio(rs[i].wall_s / rs[i].steps, twin[i].wall_s / twin[i].steps) for i in ids if i in twin]
+            ),
         }
+        drafted = sum(rs[i].spec_steps for i in ids)
+        if drafted:  # tokens a branch gained per step it fed drafts in
+            systems[name]["acceptance_length"] = 1 + sum(rs[i].spec_accepted for i in ids) / drafted
         shared = [i for i in ids if i in twin and rs[i].token_ids and twin[i].token_ids]
         if shared and name != TWIN:  # a greedy peer agrees with the twin up to its first different token
             systems[name]["median_same_token_prefix"] = median(
@@ -224,6 +246,11 @@ def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
         systems[name]["tok_s_ratio_vs_twin"] = ratio(
             systems[name]["median_tok_s"], systems.get(TWIN, {}).get("median_tok_s", float("nan"))
         )
+    for spec, plain in ((APAR_SPEC, APAR), (TWIN_SPEC, TWIN)):  # what speculation alone adds
+        if spec in by and plain in by:
+            systems[spec]["median_speedup_vs_no_spec"] = median(
+                [ratio(by[plain][i].wall_s, by[spec][i].wall_s) for i in by[spec] if i in by[plain]]
+            )
     for name, rs in by.items():  # APAR against every sequential system, prompt by prompt
         if apar and name != APAR:
             both = [i for i in apar if i in rs]
@@ -243,7 +270,9 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
     prompts = load_prompts(
         args.prompts, kind=None if args.all_kinds else "structured", limit=args.num_prompts
     )
-    opts = {"block_size": args.block_size} if args.block_size else {}
+    opts: dict[str, Any] = {"block_size": args.block_size} if args.block_size else {}
+    if args.speculative:
+        opts["speculative"] = args.speculative  # requests say "off" except the -spec systems'
     apar_engine, twin_engine = make_engine(str(apar_dir), **opts), make_engine(str(twin_dir), **opts)
     hf = None if args.no_hf else load_hf(str(twin_dir))
     eos = sorted(twin_engine.eos_ids)
@@ -253,7 +282,7 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
 
     warm = Prompt("warm-up", "structured", "Give me three tips for sleeping well.")
     for eng, fork in ((apar_engine, True), (twin_engine, False)):
-        run_engine(eng, "warm", warm, prompt_ids(eng, warm), 16, fork)
+        run_engine(eng, "warm", warm, prompt_ids(eng, warm), 16, fork, bool(args.speculative))
     if hf is not None:
         run_hf(hf, twin_engine.tokenizer, eos, warm, prompt_ids(twin_engine, warm), 16)
     # In-process systems back to back per prompt: drift in machine load hits them alike.
@@ -261,6 +290,9 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
         ids_a, ids_t = prompt_ids(apar_engine, p), prompt_ids(twin_engine, p)
         runs.append(run_engine(apar_engine, APAR, p, ids_a, args.max_tokens, fork=True))
         runs.append(run_engine(twin_engine, TWIN, p, ids_t, args.max_tokens, fork=False))
+        if args.speculative:
+            runs.append(run_engine(apar_engine, APAR_SPEC, p, ids_a, args.max_tokens, True, spec=True))
+            runs.append(run_engine(twin_engine, TWIN_SPEC, p, ids_t, args.max_tokens, False, spec=True))
         if hf is not None:
             runs.append(run_hf(hf, twin_engine.tokenizer, eos, p, ids_t, args.max_tokens))
     from bench.speed_peers import run_llamacpp, run_vllm
@@ -284,6 +316,7 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
             "max_tokens": args.max_tokens,
             "threads": args.threads,
             "block_size": apar_engine.kv.block_size,
+            "speculative": apar_engine.speculator.config.to_dict() if args.speculative else None,
             "greedy": True,
         },
         "notes": notes,
@@ -311,6 +344,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--block-size", type=int, default=None, help="KV block size of our engine (default: its own)"
     )
+    p.add_argument(
+        "--speculative",
+        nargs="?",
+        const='{"method": "ngram"}',
+        default=None,
+        metavar="JSON",
+        help='also run both models with speculative decoding (default \'{"method": "ngram"}\')',
+    )
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer (Q4_1 and F32 GGUF)")
@@ -327,6 +368,14 @@ def main(args: argparse.Namespace) -> int:
 
     if args.block_size is not None and args.block_size not in BLOCK_SIZES:
         raise BenchError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
+    if args.speculative:
+        from apar_worker.speculative import SpeculativeConfig
+        from apar_worker.types import InvalidRequestError
+
+        try:
+            SpeculativeConfig.parse(args.speculative)
+        except InvalidRequestError as exc:
+            raise BenchError(f"--speculative: {exc}") from None
     result = run(args)
     prompts, runs = result.pop("_prompts"), result.pop("_runs")
     print()

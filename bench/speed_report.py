@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import fmt, pyplot, ratio, table
-from bench.speed import APAR, LABELS, ORDER, TWIN, Prompt, Run
+from bench.speed import APAR, APAR_SPEC, LABELS, ORDER, TWIN, TWIN_SPEC, Prompt, Run
 
 
 def print_tables(systems: dict[str, Any]) -> None:
@@ -20,7 +20,7 @@ def print_tables(systems: dict[str, Any]) -> None:
             systems[s]["median_tok_s"],
             systems[s]["tok_s_ratio_vs_twin"],
             systems[s]["median_speedup_vs_twin"],
-            "-" if s in (APAR, TWIN) else _same(systems[s]),
+            "-" if s in (APAR, TWIN, APAR_SPEC, TWIN_SPEC) else _same(systems[s]),
         ]
         for s in order
     ]
@@ -42,6 +42,7 @@ def print_tables(systems: dict[str, Any]) -> None:
             print(
                 f"APAR whole answer vs {systems[s]['label']}: {fmt(a[f'median_speedup_vs_{s}'])}x (median per prompt)"
             )
+    _print_speculation(systems)
     a = systems.get(APAR, {})
     if "prompts_forked" in a:
         print(
@@ -69,6 +70,21 @@ def print_tables(systems: dict[str, Any]) -> None:
         ]
         print()
         print(table(["our engine (medians)", "APAR", "twin", "APAR/twin"], rows))
+
+
+def _print_speculation(systems: dict[str, Any]) -> None:
+    """Speculation's figures: speed-up with and without it, acceptance, what a step costs."""
+    for s, plain in ((APAR_SPEC, APAR), (TWIN_SPEC, TWIN)):
+        row = systems.get(s)
+        if row is None:
+            continue
+        print(
+            f"{row['label']}: {fmt(row['median_speedup_vs_twin'])}x the twin, "
+            f"{fmt(row.get('median_speedup_vs_no_spec', float('nan')))}x {systems[plain]['label']}; "
+            f"mean acceptance length {fmt(row.get('acceptance_length', 1.0))} tokens/branch-step; "
+            f"step cost {fmt(row['median_step_cost_vs_twin'])}x the twin's "
+            f"({fmt(systems[plain]['median_step_cost_vs_twin'])}x without speculation)"
+        )
 
 
 def _same(row: dict[str, Any]) -> str:

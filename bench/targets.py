@@ -33,7 +33,9 @@ class Result:
 class GrpcTarget:
     """GenerateStream over one shared channel; TTFT = first event that carries a token."""
 
-    def __init__(self, address: str, fork: bool, timeout_s: float, unary: bool = False):
+    def __init__(
+        self, address: str, fork: bool, timeout_s: float, unary: bool = False, speculative: str = ""
+    ):
         import grpc
 
         from protos.apar.v1 import apar_pb2_grpc as pb_grpc
@@ -42,6 +44,7 @@ class GrpcTarget:
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.AparServiceStub(self.channel)
         self.fork, self.timeout_s, self.unary = fork, timeout_s, unary
+        self.speculative = speculative  # the request's own choice ("": the deployment's)
 
     def _unary(self, msg, prompt: Prompt) -> Result:
         """Generate (no per-step events); TTFT is the replica's own figure, network not included."""
@@ -58,7 +61,10 @@ class GrpcTarget:
         from protos.apar.v1 import apar_pb2 as pb
 
         msg = pb.GenerateRequest(
-            messages=[pb.ChatMessage(role="user", content=prompt.text)], max_tokens=max_tokens, fork=self.fork
+            messages=[pb.ChatMessage(role="user", content=prompt.text)],
+            max_tokens=max_tokens,
+            fork=self.fork,
+            speculative=self.speculative,
         )
         start = time.perf_counter()
         ttft = None

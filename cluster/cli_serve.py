@@ -11,6 +11,7 @@ default, Ray's own ports included (cluster/loopback.py). It writes a small state
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -68,6 +69,12 @@ def register(sub: Any) -> None:
         help="weights of the worker engines: int8 = weight-only int8 linear layers (default: the config's, fp32)",
     )
     p.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',
+    )
+    p.add_argument(
         "--num-cpus",
         type=float,
         default=None,
@@ -87,7 +94,17 @@ def _load(args: argparse.Namespace) -> ServeAppConfig:
         http__host=args.host,  # local mode: --host, not the config's (0.0.0.0 for pods)
         redis_url=args.redis_url or os.environ.get("APAR_REDIS_URL") or None,
         engine__quantization=args.quantization,
+        engine__speculative=_json_arg("--speculative-config", args.speculative_config),
     )
+
+
+def _json_arg(flag: str, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: not valid JSON ({exc})") from None
 
 
 def _port_free(port: int) -> bool:

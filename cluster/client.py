@@ -43,6 +43,7 @@ def to_proto(req: GenerateRequest) -> pb.GenerateRequest:
         max_depth=req.max_depth,
         session_id=req.session_id or "",
         request_id=req.request_id,
+        speculative=req.speculative or "",
     )
     if req.messages is not None:
         msg.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in req.messages)

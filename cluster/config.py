@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from apar_worker.types import BLOCK_SIZES
+from apar_worker.speculative import SpeculativeConfig
+from apar_worker.types import BLOCK_SIZES, AparError
 from cluster.redis_url import redis_url_problem
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default_config.yaml"
@@ -52,6 +53,7 @@ class EngineSection:
     max_model_len: int | None
     quantization: str | None
     cascade_attention: bool
+    speculative: dict | None
 
 
 @dataclass
@@ -143,6 +145,15 @@ _ALIASES = {
 }
 
 
+_LEAF_TYPES: dict[type, tuple[Any, str]] = {  # bools are not numbers here, ints are floats
+    bool: (lambda v: isinstance(v, bool), "true/false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    dict: (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
 def _check(value: Any, tp: Any, path: str) -> Any:
     """Type-check one leaf value; ints are accepted where floats are expected."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -152,27 +163,12 @@ def _check(value: Any, tp: Any, path: str) -> Any:
         tp = next(a for a in args if a is not type(None))
     if value is None:
         raise ConfigError(f"{path}: must not be null")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}: expected a non-empty string, got {value!r}")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - schema bug
+    if tp not in _LEAF_TYPES:
+        raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - schema bug
+    ok, expected = _LEAF_TYPES[tp]
+    if not ok(value):
+        raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+    return float(value) if tp is float else value
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
@@ -243,6 +239,10 @@ def _positive(cfg: ServeAppConfig) -> None:
         raise ConfigError(f"engine.device: expected auto, cpu or cuda[:N], got {cfg.engine.device!r}")
     if cfg.engine.quantization not in (None, "none", "int8"):  # apar_worker.quantization.QUANTIZATIONS
         raise ConfigError(f"engine.quantization: {cfg.engine.quantization!r} is not null, none or int8")
+    try:
+        SpeculativeConfig.parse(cfg.engine.speculative)
+    except AparError as exc:
+        raise ConfigError(f"engine.speculative: {exc}") from None
     if cfg.worker.autoscaling_config is not None:
         from ray.serve.config import AutoscalingConfig
 

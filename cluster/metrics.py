@@ -40,6 +40,12 @@ class WorkerMetrics:
             "apar_cached_prompt_tokens_total", "Prompt tokens served from the prefix cache", tag_keys=keys
         )
         self.steps = Counter("apar_engine_steps_total", "Engine forward passes", tag_keys=keys)
+        self.spec_drafts = Counter(
+            "apar_spec_draft_tokens_total", "Speculative draft tokens fed (finished requests)", tag_keys=keys
+        )
+        self.spec_accepted = Counter(
+            "apar_spec_accepted_tokens_total", "Speculative draft tokens accepted", tag_keys=keys
+        )
         self.preemptions = Counter("apar_preemptions_total", "Requests preempted for KV space", tag_keys=keys)
         self.kv_usage = Gauge("apar_kv_cache_usage_ratio", "Fraction of KV blocks in use", tag_keys=keys)
         self.kv_free = Gauge("apar_kv_free_blocks", "Free KV blocks", tag_keys=keys)
@@ -74,7 +80,9 @@ class WorkerMetrics:
             self.cached_tokens,
         ):
             m.set_default_tags(self._tags)
-        for m in (self.steps, self.preemptions, self.kv_usage, self.kv_free, self.prefix_hit_rate):
+        for m in (self.steps, self.spec_drafts, self.spec_accepted, self.preemptions):
+            m.set_default_tags(self._tags)
+        for m in (self.kv_usage, self.kv_free, self.prefix_hit_rate):
             m.set_default_tags(self._tags)
         for m in (self.running, self.waiting, self.running_branches, self.ttft, self.tpot, self.latency):
             m.set_default_tags(self._tags)
@@ -93,6 +101,12 @@ class WorkerMetrics:
             self.prompt_tokens.inc(out.prompt_tokens)
         if out.cached_tokens:
             self.cached_tokens.inc(out.cached_tokens)
+        drafted = sum(b.spec_drafted for b in out.branches)
+        if drafted:
+            self.spec_drafts.inc(drafted)
+            accepted = sum(b.spec_accepted for b in out.branches)
+            if accepted:
+                self.spec_accepted.inc(accepted)
         self.latency.observe(out.latency_s)
         if out.ttft_s is not None:
             self.ttft.observe(out.ttft_s)

@@ -3,8 +3,9 @@
 A request is turned into the same `pb.GenerateRequest` a gRPC client would send, so both APIs
 share one validation path (`protocol.to_engine_request`), the router, failover and metrics.
 APAR extensions (documented in the README): request fields `fork`, `max_branches`,
-`max_depth`, `apar_events` (stream per-branch events too); response `usage.steps`,
-`usage.branches`, and (non-streaming) `apar.branches`, the branch tree.
+`max_depth`, `speculative` ("off", "ngram", "draft_heads"), `apar_events` (stream per-branch
+events too); response `usage.steps`, `usage.branches`, `usage.draft_tokens`,
+`usage.accepted_tokens`, and (non-streaming) `apar.branches`, the branch tree.
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ def to_grpc_request(body: dict, model: str, chat: bool) -> tuple[pb.GenerateRequ
         value = _typed(body, key, (int,), "an integer")
         if value is not None:
             setattr(msg, key, value)
+    speculative = _typed(body, "speculative", (str,), "a string")
+    if speculative:
+        msg.speculative = speculative
     fork = _typed(body, "fork", (bool,), "a boolean")
     if fork is not None:
         msg.fork = fork
@@ -174,6 +178,8 @@ def usage(resp: pb.GenerateResponse) -> dict:
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
         "steps": u.steps,  # APAR: engine steps the request took
         "branches": u.num_branches,  # APAR: branches of the answer (1 = sequential)
+        "draft_tokens": u.draft_tokens,  # APAR: speculative drafts fed
+        "accepted_tokens": u.accepted_tokens,  # APAR: ... of which accepted
     }
 
 

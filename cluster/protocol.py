@@ -122,6 +122,7 @@ def to_engine_request(msg: pb.GenerateRequest, limits: LimitsSection, stream: bo
         request_id=msg.request_id or uuid.uuid4().hex,
         stream=stream,
         session_id=msg.session_id or None,
+        speculative=msg.speculative or None,
     )
     if msg.HasField("max_branches"):
         req.max_branches = msg.max_branches
@@ -154,6 +155,8 @@ def to_response(out: RequestOutput, replica_ids: list[str]) -> pb.GenerateRespon
             num_branches=len(out.branches),
             steps=out.steps,
             num_preemptions=out.num_preemptions,
+            draft_tokens=sum(b.spec_drafted for b in out.branches),
+            accepted_tokens=sum(b.spec_accepted for b in out.branches),
         ),
         timings=pb.Timings(ttft_s=out.ttft_s or 0.0, latency_s=out.latency_s),
         replica_id=replica_ids[-1] if replica_ids else "",

@@ -134,6 +134,37 @@ def test_speed_harness_end_to_end(fork_model, tmp_path, capsys, monkeypatch):
     assert png.stat().st_size > 1000
 
 
+def test_speed_harness_with_speculation(fork_model, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    argv = [
+        "bench",
+        "speed",
+        "--model",
+        str(fork_model),
+        "--baseline",
+        str(fork_model),
+        "--no-hf",
+        "--no-vllm",
+    ]
+    argv += ["--no-llamacpp", "--num-prompts", "2", "--max-tokens", "40", "--json", str(out), "--plot", ""]
+    assert apar(argv + ["--speculative", '{"method": "ngram", "num_speculative_tokens": 3}']) == 0
+    assert "mean acceptance length" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    systems = data["systems"]
+    assert set(systems) == {"apar", "apar-spec", "twin", "twin-spec"}
+    assert data["settings"]["speculative"]["num_speculative_tokens"] == 3
+    runs = {(r["system"], r["prompt_id"]): r for r in data["runs"]}
+    for pid in {r["prompt_id"] for r in data["runs"]}:
+        assert runs[("twin-spec", pid)]["tokens"] == runs[("twin", pid)]["tokens"]
+        assert runs[("twin-spec", pid)]["steps"] <= runs[("twin", pid)]["steps"]
+        assert runs[("apar-spec", pid)]["tokens"] == runs[("apar", pid)]["tokens"]
+    for name in ("apar-spec", "twin-spec"):
+        assert (
+            systems[name]["median_speedup_vs_no_spec"] > 0 and systems[name]["median_step_cost_vs_twin"] > 0
+        )
+    assert apar(argv + ["--speculative", '{"method": "eagle"}']) == 2
+
+
 def test_burst_harness_end_to_end(fork_model, tmp_path, capsys):
     out = tmp_path / "burst.json"
     argv = ["bench", "burst", "--model", str(fork_model), "--baseline", str(fork_model)]

@@ -104,6 +104,15 @@ def test_build_app_applies_deployment_options():
         ({"engine": {"device": "tpu"}}, "engine.device"),
         ({"engine": {"quantization": "int4"}}, "engine.quantization: 'int4' is not null, none or int8"),
         ({"engine": []}, "engine: expected a mapping"),
+        (
+            {"engine": {"speculative": {"method": "eagle"}}},
+            "engine.speculative: speculative method must be one of",
+        ),
+        (
+            {"engine": {"speculative": {"num_speculative_tokens": 9}}},
+            "engine.speculative: num_speculative_tokens",
+        ),
+        ({"engine": {"speculative": "ngram"}}, "engine.speculative: expected a mapping"),
         ({"model": ""}, "model: expected a non-empty string"),
         ({"worker": {"num_replicas": 0}}, "worker.num_replicas"),
         (
@@ -166,8 +175,10 @@ def test_grpc_request_to_engine_request():
         max_branches=4,
         session_id="s1",
         request_id="r1",
+        speculative="ngram",
     )
     req = to_engine_request(msg, LIMITS, stream=True)
+    assert req.speculative == "ngram"
     assert req.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert req.prompt is None and req.fork is False and req.max_branches == 4 and req.stream
     assert req.session_id == "s1" and req.request_id == "r1"
@@ -179,12 +190,20 @@ def test_grpc_request_to_engine_request():
     assert greedy.request_id and greedy.session_id is None
     # the CLI client's conversion is the inverse
     again = to_engine_request(to_proto(req), LIMITS, stream=True)
-    assert (again.messages, again.sampling, again.fork, again.max_branches, again.request_id) == (
+    assert (
+        again.messages,
+        again.sampling,
+        again.fork,
+        again.max_branches,
+        again.request_id,
+        again.speculative,
+    ) == (
         req.messages,
         req.sampling,
         req.fork,
         req.max_branches,
         req.request_id,
+        "ngram",
     )
     assert isinstance(again.sampling, SamplingParams)
 
@@ -201,6 +220,7 @@ def test_grpc_request_to_engine_request():
         (pb.GenerateRequest(prompt="p", timeout_s=float("nan")), "timeout_s must be a finite number"),
         (pb.GenerateRequest(prompt="p", request_id="x" * 200), "request_id"),
         (pb.GenerateRequest(prompt="p", session_id="a\nb"), "session_id"),
+        (pb.GenerateRequest(prompt="p", speculative="eagle"), "speculative must be 'off' or one of ngram"),
         (pb.GenerateRequest(prompt="p", sampling=pb.SamplingParams(stop=["s"] * 17)), "at most 16"),
         (
             pb.GenerateRequest(prompt="p", sampling=pb.SamplingParams(repetition_penalty=0)),

@@ -210,6 +210,9 @@ def test_cli_generate_json(model_dir, capsys):
         ["--prompt", ""],
         ["--model", "/nonexistent/model"],
         ["--max-tokens", "many"],
+        ["--speculative-config", "{bad json"],
+        ["--speculative-config", '{"method": "eagle"}'],
+        ["--speculative-config", '{"method": "draft_heads"}'],  # this model has no heads
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(model_dir, capsys, extra):

@@ -101,7 +101,7 @@ Keys Helm drops when a user sets them to null are put back as null.
 {{- define "apar-serve.serveConfig" -}}
 {{- $cfg := deepCopy .Values.apar -}}
 {{- $_ := set $cfg "model" (include "apar-serve.modelPath" .) -}}
-{{- $nullable := dict "engine" (list "num_blocks" "max_model_len" "quantization") "worker" (list "autoscaling_config") "grpc" (list "request_timeout_s") "redis" (list "url") -}}
+{{- $nullable := dict "engine" (list "num_blocks" "max_model_len" "quantization" "speculative") "worker" (list "autoscaling_config") "grpc" (list "request_timeout_s") "redis" (list "url") -}}
 {{- range $section, $keys := $nullable -}}
 {{- $sec := get $cfg $section -}}
 {{- range $keys -}}

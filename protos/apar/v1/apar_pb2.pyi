@@ -33,7 +33,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "sampling", "max_tokens", "fork", "max_branches", "max_depth", "session_id", "request_id", "timeout_s", "ordered")
+    __slots__ = ("prompt", "messages", "sampling", "max_tokens", "fork", "max_branches", "max_depth", "session_id", "request_id", "timeout_s", "ordered", "speculative")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     ORDERED_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     sampling: SamplingParams
@@ -56,7 +57,8 @@ class GenerateRequest(_message.Message):
     request_id: str
     timeout_s: float
     ordered: bool
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., fork: _Optional[bool] = ..., max_branches: _Optional[int] = ..., max_depth: _Optional[int] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., ordered: _Optional[bool] = ...) -> None: ...
+    speculative: str
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., fork: _Optional[bool] = ..., max_branches: _Optional[int] = ..., max_depth: _Optional[int] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., ordered: _Optional[bool] = ..., speculative: _Optional[str] = ...) -> None: ...
 
 class Branch(_message.Message):
     __slots__ = ("id", "parent_id", "text", "num_tokens", "finish_reason", "fork_position")
@@ -75,20 +77,24 @@ class Branch(_message.Message):
     def __init__(self, id: _Optional[int] = ..., parent_id: _Optional[int] = ..., text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., fork_position: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "num_branches", "steps", "num_preemptions")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens", "num_branches", "steps", "num_preemptions", "draft_tokens", "accepted_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
     num_branches: int
     steps: int
     num_preemptions: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., num_branches: _Optional[int] = ..., steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
+    draft_tokens: int
+    accepted_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., num_branches: _Optional[int] = ..., steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("ttft_s", "latency_s")

@@ -1,0 +1,135 @@
+"""Draft heads (Medusa-style): guess the tokens after the next one from the last hidden state.
+
+Head k maps the hidden state h at position t to h + SiLU(W_k h + b_k) and reads it with the
+model's own output embedding, restricted to a draft vocabulary (the tokens the model says most
+often: a full-vocabulary read per head would cost as much as a tenth of a step here). Head k
+guesses the token at t + 2 + k: after a step, the heads run on the row that produced a branch's
+last token, and their guesses are its drafts for the next step. Zero-initialised heads are the
+identity, so they start out guessing the next token again; `apar train --draft-heads` fits them
+on the model's own answers (apar_train/draft_heads.py). The file is small (~1 M parameters).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from apar_worker.model_registry import adapter_of
+from apar_worker.sequence import Branch, RequestState
+from apar_worker.types import ModelLoadError
+
+HEADS_FILE = "draft_heads.safetensors"
+
+
+class DraftHeads(torch.nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, vocab: torch.Tensor) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(hidden_size, hidden_size) for _ in range(num_heads))
+        for blk in self.blocks:
+            torch.nn.init.zeros_(blk.weight)
+            torch.nn.init.zeros_(blk.bias)
+        self.register_buffer("vocab", vocab.long())  # draft vocabulary: token ids the heads may guess
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.blocks)
+
+    def states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[R, H] -> [num_heads, R, H]."""
+        return torch.stack([hidden + F.silu(blk(hidden)) for blk in self.blocks])
+
+    def logits(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """[num_heads, R, len(vocab)] over the draft vocabulary; `embedding` [V, H] is the model's."""
+        return self.states(hidden) @ embedding[self.vocab].T
+
+    @torch.no_grad()
+    def guess(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """[R, num_heads] token ids: each head's top guess."""
+        idx = self.logits(hidden.to(embedding.dtype), embedding).argmax(-1)
+        return self.vocab[idx].T
+
+    def save(self, path: Path, meta: dict) -> None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        info = {"num_heads": self.num_heads, "hidden_size": self.blocks[0].in_features, **meta}
+        save_file(tensors, str(path), metadata={"apar_draft_heads": json.dumps(info)})
+
+    @classmethod
+    def load(cls, path: Path) -> DraftHeads:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                info = json.loads((f.metadata() or {})["apar_draft_heads"])
+            tensors = load_file(str(path))
+            heads = cls(info["hidden_size"], info["num_heads"], tensors["vocab"])
+            heads.load_state_dict(tensors)
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot load draft heads from {path}: {exc}") from exc
+        return heads.eval()
+
+
+class DraftHeadsProposer:
+    """Keeps each branch's guesses from the step that just ran; proposes them next step."""
+
+    def __init__(self, heads: DraftHeads, model) -> None:
+        self.heads = heads
+        self.embedding = output_matrix(model)
+        self.guesses: dict[int, tuple[int, list[int]]] = {}  # id(branch) -> (len(tokens), guesses)
+
+    def observe(self, rows: list[tuple[RequestState, Branch]], hidden: torch.Tensor) -> None:
+        """`hidden` [len(rows), H]: the state that produced each row's branch's last token."""
+        self.guesses.clear()
+        if not rows:
+            return
+        guesses = self.heads.guess(hidden, self.embedding).tolist()
+        for (_, br), g in zip(rows, guesses, strict=True):
+            self.guesses[id(br)] = (len(br.tokens), g)
+
+    def propose(self, state: RequestState, br: Branch, k: int) -> list[int]:
+        got = self.guesses.get(id(br))
+        if got is None or got[0] != len(br.tokens):
+            return []
+        return got[1][:k]
+
+
+def output_matrix(model) -> torch.Tensor:
+    """[V, H] float weights of the model's output embedding (the tied input one when the head
+    itself was quantized)."""
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point:
+        return weight
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return model.get_input_embeddings().weight
+    raise ModelLoadError("draft heads need the model's float output embedding")
+
+
+def find_heads(model_dir: Path | None, configured: str | None) -> Path | None:
+    """The heads file: the configured path, else the model directory's own (None: none)."""
+    if configured:
+        path = Path(configured)
+        if not path.is_file():
+            raise ModelLoadError(f"draft heads file {path} does not exist")
+        return path
+    if model_dir is None:
+        return None
+    for where in (model_dir, adapter_of(model_dir)):
+        if where is not None and (where / HEADS_FILE).is_file():
+            return where / HEADS_FILE
+    return None
+
+
+def load_proposer(model, model_dir: Path | None, configured: str | None) -> DraftHeadsProposer | None:
+    path = find_heads(model_dir, configured)
+    if path is None:
+        return None
+    heads = DraftHeads.load(path)
+    weight = output_matrix(model)
+    if heads.blocks[0].in_features != weight.shape[1]:
+        raise ModelLoadError(
+            f"draft heads {path} are for hidden size {heads.blocks[0].in_features}, not {weight.shape[1]}"
+        )
+    return DraftHeadsProposer(heads.to(weight.device, weight.dtype), model)
