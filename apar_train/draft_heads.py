@@ -115,9 +115,7 @@ def draft_vocab(targets: torch.Tensor, size: int, keep: list[int]) -> torch.Tens
 def fit(heads: DraftHeads, hidden, targets, weight, cfg: HeadsConfig, progress: bool) -> list[float]:
     """Cross-entropy of every head over the draft vocabulary; per-head top-1 accuracy on a
     10 % validation split is returned."""
-    remap = torch.full((weight.shape[0],), -100, dtype=torch.long)
-    remap[heads.vocab] = torch.arange(len(heads.vocab))
-    y = torch.where(targets >= 0, remap[targets.clamp(min=0)], torch.full_like(targets, -100))
+    y = in_vocab(targets, heads.vocab, weight.shape[0])
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(hidden), generator=g)
     n_val = max(1, len(order) // 10)
@@ -145,6 +143,13 @@ def fit(heads: DraftHeads, hidden, targets, weight, cfg: HeadsConfig, progress: 
                 flush=True,
             )
     return accuracy(heads, hidden[val], y[val], emb)
+
+
+def in_vocab(targets: torch.Tensor, vocab: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Token ids -> indices in the draft vocabulary; -100 (ignored) past the end or outside it."""
+    remap = torch.full((vocab_size,), -100, dtype=torch.long)
+    remap[vocab] = torch.arange(len(vocab))
+    return torch.where(targets >= 0, remap[targets.clamp(min=0)], torch.full_like(targets, -100))
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from apar_worker.model_registry import adapter_of
@@ -67,7 +68,7 @@ class DraftHeads(torch.nn.Module):
             tensors = load_file(str(path))
             heads = cls(info["hidden_size"], info["num_heads"], tensors["vocab"])
             heads.load_state_dict(tensors)
-        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
             raise ModelLoadError(f"cannot load draft heads from {path}: {exc}") from exc
         return heads.eval()
 

@@ -212,6 +212,7 @@ class Engine:
         if not sched.scheduled:
             return results
         batch = self.runner.prepare(sched)
+        start = time.perf_counter()
         try:
             logits = self.runner.execute(batch)
         except Exception as exc:  # a failed forward must not take the other requests down
@@ -220,6 +221,7 @@ class Engine:
                 state.error = f"engine step failed: {exc}"
                 results.append(self._finish_request(state, "error"))
             return results
+        self.speculator.cost.add(len(batch.input_ids), time.perf_counter() - start)
         self.num_steps += 1
         self.last_step_attended_tokens = batch.meta.attended_tokens
         self.scheduler.update_from_output(sched)

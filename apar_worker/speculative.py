@@ -7,9 +7,11 @@ token (a point mass q), for which the standard rejection rule (accept with min(1
 resample from norm(max(0, p - q))) is exactly "sample from p, keep while equal": the output
 distribution, and a greedy or seeded output token for token, are those without drafts.
 
-k adapts to the batch: drafts cost compute a full batch no longer has spare, so all decoding
-branches together feed at most `token_budget` tokens (their pending ones included), and a
-branch whose recent drafts were rejected proposes fewer.
+k adapts to the batch: drafts cost compute a full batch no longer has spare. A branch feeds the
+j-th draft only while alpha^j (alpha: its recent per-position acceptance) beats the least
+acceptance that raises the step's tokens per second (`step_cost.StepCost`, learnt from the
+steps that ran: nearly 0 on a GPU, high for a big batch on a CPU), and all decoding branches
+together feed at most `token_budget` tokens (their pending ones included).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from apar_worker.sequence import Branch, RequestState
+from apar_worker.step_cost import StepCost
 from apar_worker.types import SPECULATIVE_METHODS, InvalidRequestError
 
 MAX_SPECULATIVE_TOKENS = 6  # pending (at most 2: a child's [Fork][Child]) + drafts stay batched
@@ -33,7 +36,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2  # ngram: shortest suffix of the context matched
     prompt_lookup_max: int = 4  # ngram: longest suffix tried first
-    token_budget: int = 24  # adaptive k: tokens all decoding branches feed together, drafts included
+    token_budget: int = 32  # cap: tokens all decoding branches feed together, drafts included
     draft_heads: str | None = None  # draft_heads: file of trained heads (default: the model's own)
 
     def __post_init__(self) -> None:
@@ -115,6 +118,7 @@ class Speculator:
         self.config = config
         self.proposers = proposers
         self.child_id = child_id  # [Child] is never accepted, so never proposed either
+        self.cost = StepCost()  # the engine adds each step's (tokens, seconds)
         self.draft_tokens = 0  # drafts fed (all steps)
         self.accepted_tokens = 0  # ... of which accepted
 
@@ -198,9 +202,10 @@ class Speculator:
             return {}
         cfg = self.config or SpeculativeConfig()
         per_branch = cfg.token_budget // len(decoding)
+        need = self.cost.threshold(sum(br.num_pending for _, br, _ in decoding), len(decoding))
         out: dict[int, list[int]] = {}
         for state, br, proposer in decoding:
-            k = min(cfg.num_speculative_tokens, per_branch - br.num_pending, _trust(br, cfg))
+            k = min(cfg.num_speculative_tokens, per_branch - br.num_pending, _worth(br, need, cfg))
             if k <= 0:
                 continue
             draft = proposer.propose(state, br, k)[:k]
@@ -214,12 +219,20 @@ class Speculator:
         br.spec_steps += 1
         br.spec_drafted += drafted
         br.spec_accepted += accepted
-        br.spec_recent = (br.spec_recent * 3 + accepted / drafted) / 4 if drafted else br.spec_recent
+        if drafted:  # per-position acceptance: positions tried (up to the first miss) vs kept
+            br.spec_recent = (br.spec_recent * 3 + accepted / min(accepted + 1, drafted)) / 4
         self.draft_tokens += drafted
         self.accepted_tokens += accepted
 
 
-def _trust(br: Branch, cfg: SpeculativeConfig) -> int:
-    """Drafts a branch may feed from its recent acceptance rate: all of k while most are kept,
-    down to 1 when few are (1 still probes whether the text turned repetitive again)."""
-    return max(1, round(cfg.num_speculative_tokens * min(1.0, 2 * br.spec_recent)))
+def _worth(br: Branch, need: float, cfg: SpeculativeConfig) -> int:
+    """Drafts worth feeding: the j-th is kept with probability about alpha^j (alpha: the branch's
+    recent per-position acceptance), and it must beat the step's threshold (step_cost.py). A
+    branch with none worth it still probes with one draft every 8 tokens, so alpha can recover."""
+    k, p = 0, 1.0
+    while k < cfg.num_speculative_tokens:
+        p *= br.spec_recent
+        if p <= need:
+            break
+        k += 1
+    return k if k or len(br.tokens) % 8 else 1

@@ -13,6 +13,7 @@ from engine_utils import make_model, make_tokenizer
 
 from apar_worker.engine import Engine, EngineConfig
 from apar_worker.speculative import SpeculativeConfig, ngram_lookup
+from apar_worker.step_cost import PRIOR_RATIO, StepCost
 from apar_worker.types import GenerateRequest, InvalidRequestError, SamplingParams
 
 FORK, CHILD = 1, 2
@@ -298,3 +299,19 @@ def test_ngram_lookup_and_config_errors():
             SpeculativeConfig.parse(bad)
     with pytest.raises(InvalidRequestError):
         GenerateRequest(prompt="hi", speculative="eagle").validate()
+
+
+def test_step_cost_model_learns_what_a_token_costs():
+    cost = StepCost()
+    assert cost.coefficients() == (1.0, PRIOR_RATIO)  # nothing seen: the prior
+    for t in (1, 2, 4, 8, 16, 32, 64, 3, 5, 9):
+        cost.add(t, 0.040 + 0.010 * t)  # a CPU-like step: 40 ms + 10 ms a token
+    c0, c1 = cost.coefficients()
+    assert c0 == pytest.approx(0.040) and c1 == pytest.approx(0.010)
+    # one branch alone: a draft kept 1 time in 5 pays; 16 branches need nearly sure drafts
+    assert cost.threshold(1, 1) == pytest.approx(0.2)
+    assert cost.threshold(16, 16) == pytest.approx(0.8)
+    gpu = StepCost()
+    for t in (1, 8, 64, 256, 2, 16, 32, 128):
+        gpu.add(t, 0.020)  # the batch is free
+    assert gpu.threshold(64, 64) == pytest.approx(0.0)
