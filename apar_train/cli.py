@@ -71,7 +71,13 @@ def _train_heads(cfg, args: argparse.Namespace) -> int:
     from apar_worker.types import AparError
 
     model = cfg.name if cfg.name in shipped_models() else cfg.out_dir
-    heads = HeadsConfig(model=model, num_prompts=args.heads_prompts, epochs=args.heads_epochs)
+    heads = HeadsConfig(
+        model=model,
+        num_prompts=args.heads_prompts,
+        epochs=args.heads_epochs,
+        seed=args.heads_seed,
+        cache=Path(args.heads_cache) if args.heads_cache else None,
+    )
     try:
         info = train_heads(heads, Path(cfg.out_dir), progress=not args.quiet)
     except (AparError, OSError) as exc:
@@ -114,6 +120,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--heads-prompts", type=int, default=320, help="training prompts answered for the heads")
     t.add_argument("--heads-epochs", type=int, default=4, help="epochs over the recorded states")
+    t.add_argument("--heads-seed", type=int, default=0, help="order of the prompts, the split, the init")
+    t.add_argument(
+        "--heads-cache",
+        default=None,
+        metavar="FILE",
+        help="save the recorded states here; reuse them if it exists",
+    )
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="fork rate, step ratio and held-out loss vs a sequential twin")

