@@ -92,6 +92,23 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval_cli(args)
 
 
+def _add_heads_arguments(t: argparse.ArgumentParser) -> None:
+    t.add_argument(
+        "--draft-heads",
+        action="store_true",
+        help="instead: fit speculative draft heads on the trained model's own answers (shipped beside it)",
+    )
+    t.add_argument("--heads-prompts", type=int, default=320, help="training prompts answered for the heads")
+    t.add_argument("--heads-epochs", type=int, default=4, help="epochs over the recorded states")
+    t.add_argument("--heads-seed", type=int, default=0, help="order of the prompts, the split, the init")
+    t.add_argument(
+        "--heads-cache",
+        default=None,
+        metavar="FILE",
+        help="save the recorded states here; reuse them if it exists",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="training data (ShareGPT -> fork format)")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -113,20 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=None, help="override the config's step count")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--export-step", type=int, default=None, help="only export the snapshot of this step")
-    t.add_argument(
-        "--draft-heads",
-        action="store_true",
-        help="instead: fit speculative draft heads on the trained model's own answers (shipped beside it)",
-    )
-    t.add_argument("--heads-prompts", type=int, default=320, help="training prompts answered for the heads")
-    t.add_argument("--heads-epochs", type=int, default=4, help="epochs over the recorded states")
-    t.add_argument("--heads-seed", type=int, default=0, help="order of the prompts, the split, the init")
-    t.add_argument(
-        "--heads-cache",
-        default=None,
-        metavar="FILE",
-        help="save the recorded states here; reuse them if it exists",
-    )
+    _add_heads_arguments(t)
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="fork rate, step ratio and held-out loss vs a sequential twin")

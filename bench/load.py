@@ -121,13 +121,14 @@ def run_cluster(
     out: dict[str, list[dict[str, Any]]] = {}
     grpc_name, http_name = names
     # with --speculative the deployment drafts; plain targets' requests say "off"
-    runs = [(grpc_name, "off" if args.speculative else "")]
-    if args.speculative and grpc_name == APAR:
+    spec = getattr(args, "speculative", None)
+    runs = [(grpc_name, "off" if spec else "")]
+    if spec and grpc_name == APAR:
         runs.append((APAR_SPEC, ""))
-    for name, spec in runs:
+    for name, choice in runs:
         if not name:
             continue
-        target = GrpcTarget(grpc_addr, fork=fork, timeout_s=args.timeout, unary=args.unary, speculative=spec)
+        target = GrpcTarget(grpc_addr, fork=fork, timeout_s=args.timeout, unary=args.unary, speculative=choice)
         try:
             target(prompts[0], 8)  # warm-up
             out[name] = run_target(name, target, prompts, args)
@@ -148,7 +149,7 @@ def serve_config(model: str, args) -> dict[str, Any]:
             "device": "cpu",
             "kv_cache_memory_mb": 128,
             "max_num_seqs": 128,
-            "speculative": args.speculative,
+            "speculative": getattr(args, "speculative", None),
         },
         "limits": {"max_tokens": 2048},
         "worker": {"num_replicas": 1, "num_cpus": 1.0, "max_ongoing_requests": args.max_requests + 8},
@@ -157,7 +158,7 @@ def serve_config(model: str, args) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if isinstance(args.speculative, str):  # the bare flag's default is not run through `type`
+    if isinstance(getattr(args, "speculative", None), str):  # the bare flag's const skips `type`
         args.speculative = _spec(args.speculative)
     prompts = mixed_prompts(args.prompts, 64, seed=0)
     targets: dict[str, list[dict[str, Any]]] = {}
