@@ -39,6 +39,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         help="int8: weight-only int8 linear layers",
     )
     p.add_argument(
+        "--linear-kernel",
+        default="auto",
+        choices=["auto", "plain", "onednn"],
+        help="auto: float32 CPU linears pre-packed for oneDNN; plain: torch's own path",
+    )
+    p.add_argument(
         "--speculative-config",
         default=None,
         metavar="JSON",
@@ -135,6 +141,7 @@ def run_local(args: argparse.Namespace) -> int:
                 device=args.device,
                 dtype=args.dtype,
                 quantization=args.quantization,
+                linear_kernel=args.linear_kernel,
                 speculative=SpeculativeConfig.parse(args.speculative_config),
             )
         )

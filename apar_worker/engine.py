@@ -31,6 +31,7 @@ from apar_worker.model_runner import (
     pick_device,
 )
 from apar_worker.output import request_output
+from apar_worker.packed_linear import pack_model
 from apar_worker.quantization import quantize_model
 from apar_worker.resume import rebuild_tree
 from apar_worker.sampling import make_generator, stream_key
@@ -67,6 +68,7 @@ class EngineConfig:
     expected_forks: int = 4
     cascade_attention: bool = True  # sibling branches attend their shared prefix once (cascade.py)
     quantization: str | None = None  # None/"none": plain weights; "int8": apar_worker.quantization
+    linear_kernel: str = "auto"  # auto / plain / onednn: float32 linears pre-packed (packed_linear.py)
     # Speculative decoding for every request (None: only for requests that ask for it), as
     # SpeculativeConfig or its dict / JSON form (apar_worker/speculative.py).
     speculative: SpeculativeConfig | dict | str | None = None
@@ -91,6 +93,7 @@ class Engine:
         if tokenizer is None:
             raise ValueError("a tokenizer is required with an in-memory model")
         quantize_model(model, config.quantization)  # in place; a no-op unless "int8"
+        pack_model(model, config.linear_kernel, owned=model_dir is not None)  # in place (packed_linear.py)
         self.tokenizer = tokenizer
         shape = model_shape(model)
         self.vocab_size = shape.vocab_size

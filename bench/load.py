@@ -128,7 +128,9 @@ def run_cluster(
     for name, choice in runs:
         if not name:
             continue
-        target = GrpcTarget(grpc_addr, fork=fork, timeout_s=args.timeout, unary=args.unary, speculative=choice)
+        target = GrpcTarget(
+            grpc_addr, fork=fork, timeout_s=args.timeout, unary=args.unary, speculative=choice
+        )
         try:
             target(prompts[0], 8)  # warm-up
             out[name] = run_target(name, target, prompts, args)

@@ -7,6 +7,8 @@ prompts); with 8 branches per request, T/8 requests whose 8 sibling branches sha
 blocks (forked as `[Fork]` forks). Next to them: `transformers`' own forward of T rows (batch
 T, one new token each, a DynamicCache of `--context` tokens per row) and the bandwidth floor,
 the step's weight bytes over the memory bandwidth measured in the same run (a big tensor copy).
+The engine runs as it serves (float32 linears pre-packed for oneDNN where that is available,
+apar_worker/packed_linear.py) and again with `linear_kernel: plain`, the reference path.
 
 The prompts are prefilled through the first decoder layer only (the K/V values of the other
 layers stay zero): a decode step's cost does not depend on the values, and a full prefill of
@@ -65,7 +67,10 @@ def weight_bytes(model) -> int:
         if t is embed and head_weight is not embed:
             continue
         seen[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(seen.values())
+    packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # oneDNN layers' weights
+    if head_weight is not None and getattr(head, "packed_bytes", 0):
+        packed -= head.packed_bytes  # the head reads its packed copy, counted already as `weight`
+    return sum(seen.values()) + packed
 
 
 @contextlib.contextmanager
@@ -197,8 +202,11 @@ def hf_rows(model_dir: Path, tokens: list[int], context: int, repeats: int) -> l
     return out
 
 
-def _mode(model_dir: Path, quantization: str | None, args: argparse.Namespace, gbs: float) -> dict:
+def _mode(
+    model_dir: Path, quantization: str | None, kernel: str, args: argparse.Namespace, gbs: float
+) -> dict:
     from apar_worker.engine import Engine, EngineConfig
+    from apar_worker.packed_linear import PackedLinear
 
     rows_max = max(args.tokens)
     growth = len(args.tokens) * (args.repeats + 1) + 4
@@ -208,6 +216,7 @@ def _mode(model_dir: Path, quantization: str | None, args: argparse.Namespace, g
         model=str(model_dir),
         device="cpu",
         quantization=quantization,
+        linear_kernel=kernel,
         num_blocks=rows_max * per_row + 16,
         max_num_batched_tokens=max(4096, rows_max),
         max_num_seqs=max(128, rows_max),
@@ -220,7 +229,14 @@ def _mode(model_dir: Path, quantization: str | None, args: argparse.Namespace, g
     if engine.kv.num_free != engine.kv.num_blocks:
         raise BenchError("KV blocks leaked after the step benchmark")
     floor = wbytes / (gbs * 1e9) * 1000
-    return {"quantization": quantization or "none", "weight_bytes": wbytes, "floor_ms": floor, "rows": rows}
+    packed = any(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
+    return {
+        "quantization": quantization or "none",
+        "linear_kernel": "onednn" if packed else "plain",
+        "weight_bytes": wbytes,
+        "floor_ms": floor,
+        "rows": rows,
+    }
 
 
 def ratios(mode: dict) -> dict[str, Any]:
@@ -238,9 +254,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = model_dir(args.model)
     with torch_threads(args.threads):
         gbs = bandwidth_gbs(args.bandwidth_mb)
-        modes = [_mode(path, None, args, gbs)]
+        modes = [_mode(path, None, "auto", args, gbs)]
+        if not args.no_plain and modes[0]["linear_kernel"] != "plain":
+            modes.append(_mode(path, None, "plain", args, gbs))  # the reference path, same run
         if args.quantization == "int8":
-            modes.append(_mode(path, "int8", args, gbs))
+            modes.append(_mode(path, "int8", "auto", args, gbs))
         hf = [] if args.no_hf else hf_rows(path, args.tokens, args.context, args.repeats)
     for mode in modes:
         mode["ratios"] = ratios(mode)
@@ -258,7 +276,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _weights_name(mode: dict) -> str:
-    return "fp32" if mode["quantization"] == "none" else mode["quantization"]
+    if mode["quantization"] != "none":
+        return mode["quantization"]
+    return "fp32 (oneDNN-packed)" if mode.get("linear_kernel") == "onednn" else "fp32 (plain)"
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -339,6 +359,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--bandwidth-mb", type=int, default=256, help="MiB copied to measure bandwidth")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers forward")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain (unpacked) fp32 reference rows")
     p.add_argument("--json", default=str(RESULTS_DIR / "step.json"), metavar="OUT")
     p.add_argument("--plot", default=str(RESULTS_DIR / "step.png"), metavar="OUT.png")
 

@@ -62,18 +62,7 @@ def register(sub: Any) -> None:
         metavar="URL",
         help="use this Redis (default: $APAR_REDIS_URL, else start one)",
     )
-    p.add_argument(
-        "--quantization",
-        choices=["none", "int8"],
-        default=None,
-        help="weights of the worker engines: int8 = weight-only int8 linear layers (default: the config's, fp32)",
-    )
-    p.add_argument(
-        "--speculative-config",
-        default=None,
-        metavar="JSON",
-        help='speculative decoding for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',
-    )
+    _engine_arguments(p)
     p.add_argument(
         "--num-cpus",
         type=float,
@@ -82,6 +71,28 @@ def register(sub: Any) -> None:
         help="logical CPUs of the local Ray (default: all, at least what the replicas need)",
     )
     p.set_defaults(func=run_serve)
+
+
+def _engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags that override the config's engine section (every worker replica's engine)."""
+    p.add_argument(
+        "--quantization",
+        choices=["none", "int8"],
+        default=None,
+        help="weights of the worker engines: int8 = weight-only int8 linear layers (default: the config's, fp32)",
+    )
+    p.add_argument(
+        "--linear-kernel",
+        choices=["auto", "plain", "onednn"],
+        default=None,
+        help="linear layers of the worker engines: auto packs float32 CPU weights for oneDNN, plain does not",
+    )
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',
+    )
 
 
 def _load(args: argparse.Namespace) -> ServeAppConfig:
@@ -94,6 +105,7 @@ def _load(args: argparse.Namespace) -> ServeAppConfig:
         http__host=args.host,  # local mode: --host, not the config's (0.0.0.0 for pods)
         redis_url=args.redis_url or os.environ.get("APAR_REDIS_URL") or None,
         engine__quantization=args.quantization,
+        engine__linear_kernel=args.linear_kernel,
         engine__speculative=_json_arg("--speculative-config", args.speculative_config),
     )
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from apar_worker.speculative import SpeculativeConfig
-from apar_worker.types import BLOCK_SIZES, AparError
+from apar_worker.types import BLOCK_SIZES, LINEAR_KERNELS, AparError
 from cluster.redis_url import redis_url_problem
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default_config.yaml"
@@ -52,6 +52,7 @@ class EngineSection:
     enable_prefix_caching: bool
     max_model_len: int | None
     quantization: str | None
+    linear_kernel: str
     cascade_attention: bool
     speculative: dict | None
 
@@ -137,12 +138,8 @@ class ServeAppConfig:
 
 
 # Flat CLI-style overrides -> config path. Any other override is "section__key" (or "key").
-_ALIASES = {
-    "replicas": ("worker", "num_replicas"),
-    "grpc_port": ("grpc", "port"),
-    "http_port": ("http", "port"),
-    "redis_url": ("redis", "url"),
-}
+_ALIASES = {"replicas": ("worker", "num_replicas"), "grpc_port": ("grpc", "port")}
+_ALIASES |= {"http_port": ("http", "port"), "redis_url": ("redis", "url")}
 
 
 _LEAF_TYPES: dict[type, tuple[Any, str]] = {  # bools are not numbers here, ints are floats
@@ -237,8 +234,11 @@ def _positive(cfg: ServeAppConfig) -> None:
         raise ConfigError(f"redis.url: {problem}")
     if cfg.engine.device not in ("auto", "cpu", "cuda") and not cfg.engine.device.startswith("cuda:"):
         raise ConfigError(f"engine.device: expected auto, cpu or cuda[:N], got {cfg.engine.device!r}")
-    if cfg.engine.quantization not in (None, "none", "int8"):  # apar_worker.quantization.QUANTIZATIONS
-        raise ConfigError(f"engine.quantization: {cfg.engine.quantization!r} is not null, none or int8")
+    for key, allowed in (("quantization", (None, "none", "int8")), ("linear_kernel", LINEAR_KERNELS)):
+        if (value := getattr(cfg.engine, key)) not in allowed:
+            raise ConfigError(
+                f"engine.{key}: {value!r} is not one of {', '.join(a or 'null' for a in allowed)}"
+            )
     try:
         SpeculativeConfig.parse(cfg.engine.speculative)
     except AparError as exc:

@@ -31,7 +31,9 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
     assert "1-token step / bandwidth floor:" in text and "int8 weights:" in text
     data = json.loads(out.read_text())
     assert data["benchmark"] == "step" and data["bandwidth_gbs"] > 0
-    assert [m["quantization"] for m in data["modes"]] == ["none", "int8"]
+    assert [m["quantization"] for m in data["modes"]] == ["none", "none", "int8"]
+    assert [m["linear_kernel"] for m in data["modes"][:2]] == ["onednn", "plain"]
+    assert "fp32 (oneDNN-packed) weights:" in text and "fp32 (plain) weights:" in text
     for mode in data["modes"]:
         assert mode["weight_bytes"] > 0 and mode["floor_ms"] > 0
         got = {(r["branches"], r["tokens"]): r for r in mode["rows"]}
@@ -40,7 +42,8 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
         assert all(r["ms"] > 0 for r in mode["rows"])
         assert mode["ratios"]["over_1_token"]["1"]["1"] == pytest.approx(1.0)
         assert mode["ratios"]["one_token_over_floor"] > 0
-    fp32, int8 = data["modes"]
+    fp32, plain, int8 = data["modes"]
+    assert fp32["weight_bytes"] == plain["weight_bytes"]  # packing moves the weights, it adds none
     assert int8["weight_bytes"] < fp32["weight_bytes"] / 2  # int8 weights (lm_head an int8 copy)
     assert [r["tokens"] for r in data["transformers"]] == [1, 2, 8, 16]
     assert all(r["ms"] > 0 for r in data["transformers"])

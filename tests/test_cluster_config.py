@@ -102,7 +102,11 @@ def test_build_app_applies_deployment_options():
         ({"engine": {"block_size": 12}}, "engine.block_size: value 12 out of range (one of 4, 8, 16, 32)"),
         ({"engine": {"enable_prefix_caching": "yes"}}, "engine.enable_prefix_caching: expected true/false"),
         ({"engine": {"device": "tpu"}}, "engine.device"),
-        ({"engine": {"quantization": "int4"}}, "engine.quantization: 'int4' is not null, none or int8"),
+        ({"engine": {"quantization": "int4"}}, "engine.quantization: 'int4' is not one of null, none, int8"),
+        (
+            {"engine": {"linear_kernel": "avx"}},
+            "engine.linear_kernel: 'avx' is not one of auto, plain, onednn",
+        ),
         ({"engine": []}, "engine: expected a mapping"),
         (
             {"engine": {"speculative": {"method": "eagle"}}},

@@ -1,0 +1,99 @@
+"""oneDNN-packed linear layers (`linear_kernel`) against the plain `nn.Linear` path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from engine_utils import make_model, make_tokenizer
+from test_engine import assert_pool_empty, forcing_hook
+from torch import nn
+
+from apar_worker.engine import Engine, EngineConfig
+from apar_worker.packed_linear import PackedLinear, pack_model, parse_linear_kernel
+from apar_worker.types import GenerateRequest, ModelLoadError, SamplingParams
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 64), (300, 64), (2, 5, 64)])
+def test_a_packed_layer_computes_what_the_plain_layer_computes(bias, shape):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40, bias=bias)
+    packed = PackedLinear(lin)
+    x = torch.randn(*shape)
+    out = packed(x)
+    assert out.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(out, lin(x), atol=1e-5, rtol=1e-5)
+    assert packed.weight is None and packed.packed_bytes == 64 * 40 * 4
+
+
+def test_parse_and_refusals():
+    assert parse_linear_kernel(None) == "auto"
+    assert parse_linear_kernel("plain") == "plain"
+    with pytest.raises(ModelLoadError, match="unknown linear_kernel 'avx'"):
+        parse_linear_kernel("avx")
+    bf16 = make_model("llama").to(torch.bfloat16)
+    assert pack_model(bf16, "auto") == 0  # the default falls back silently
+    with pytest.raises(ModelLoadError, match="float32 only"):
+        pack_model(bf16, "onednn")
+
+
+def test_auto_leaves_a_callers_model_alone_and_onednn_packs_every_linear():
+    model = make_model("llama")
+    assert pack_model(model, "auto", owned=False) == 0
+    assert pack_model(model, "plain") == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    n = pack_model(model, "onednn", owned=False)
+    assert n == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight or head.weight is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_engine_with_packed_linears_decodes_what_the_plain_path_decodes(family):
+    """Forked APAR decoding (forced forks), two requests: same text, logits equal to 1e-4."""
+    model = make_model(family, seed=5)
+    force = {(0, 2), (0, 5), (1, 3)}
+    prompt = list(range(5, 40))
+
+    def run(kernel: str):
+        record: list = []
+        engine = Engine.from_model(
+            copy.deepcopy(model),
+            make_tokenizer(),
+            EngineConfig(block_size=4, num_blocks=256, linear_kernel=kernel),
+            logits_hook=forcing_hook(force, record),
+        )
+        packed = sum(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
+        sampling = SamplingParams(max_tokens=30, ignore_eos=True)
+        reqs = [
+            GenerateRequest(prompt_token_ids=prompt, sampling=sampling, request_id=f"r{i}") for i in range(2)
+        ]
+        outs = engine.generate(reqs)
+        assert_pool_empty(engine)
+        return outs, record, packed
+
+    plain, rec_plain, n_plain = run("plain")
+    packed, rec_packed, n_packed = run("onednn")
+    assert n_plain == 0 and n_packed == 15
+    assert [o.text for o in packed] == [o.text for o in plain] and len(plain[0].branches) >= 3
+    assert len(rec_plain) == len(rec_packed)
+    worst = max((a[2] - b[2]).abs().max().item() for a, b in zip(rec_plain, rec_packed, strict=True))
+    assert worst < 1e-4, worst
+
+
+def test_a_model_loaded_by_name_is_packed_by_default_and_plain_is_a_switch():
+    def count(kernel: str) -> tuple[int, list]:
+        engine = Engine(EngineConfig(model="apar-tiny", device="cpu", num_blocks=64, linear_kernel=kernel))
+        req = GenerateRequest(prompt="Name two colours.", sampling=SamplingParams(max_tokens=12))
+        out = engine.generate([req])[0]
+        return sum(isinstance(m, PackedLinear) for m in engine.runner.model.modules()), [
+            b.token_ids for b in out.branches
+        ]
+
+    packed, tokens = count("auto")
+    plain, plain_tokens = count("plain")
+    assert packed > 0 and plain == 0
+    assert tokens == plain_tokens
