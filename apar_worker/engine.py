@@ -30,6 +30,7 @@ from apar_worker.model_runner import (
     parse_dtype,
     pick_device,
 )
+from apar_worker.native import decode_kernel_for
 from apar_worker.output import request_output
 from apar_worker.packed_linear import pack_model
 from apar_worker.quantization import quantize_model
@@ -67,6 +68,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own
     expected_forks: int = 4
     cascade_attention: bool = True  # sibling branches attend their shared prefix once (cascade.py)
+    native_kernels: bool = True  # C++ CPU decode attention built on first use (native.py); False: torch ops
     quantization: str | None = None  # None/"none": plain weights; "int8": apar_worker.quantization
     linear_kernel: str = "auto"  # auto / plain / onednn: float32 linears pre-packed (packed_linear.py)
     # Speculative decoding for every request (None: only for requests that ask for it), as
@@ -100,7 +102,8 @@ class Engine:
         self.max_model_len = min(config.max_model_len or shape.max_model_len, shape.max_model_len)
         param = next(model.parameters())
         self.kv, kv_cache = self._make_kv(config, shape, param)
-        self.runner = ModelRunner(model, kv_cache, config.cascade_attention)
+        native = decode_kernel_for(kv_cache.data, config.native_kernels)
+        self.runner = ModelRunner(model, kv_cache, config.cascade_attention, native)
         self.scheduler = Scheduler(
             self.kv,
             SchedulerConfig(

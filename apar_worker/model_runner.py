@@ -89,11 +89,14 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, kv_cache: KVCache, cascade_attention: bool = False) -> None:
+    def __init__(
+        self, model: PreTrainedModel, kv_cache: KVCache, cascade_attention: bool = False, native=None
+    ) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
         self.kv_cache = kv_cache
         self.cascade_attention = cascade_attention  # shared prefixes attended once (apar_worker/cascade.py)
+        self.native = native  # the C++ decode attention (apar_worker/native.py), or None: torch ops
         self.device = next(model.parameters()).device
         self.keep_hidden = False  # keep the sampled rows' last hidden states (draft heads read them)
         self.last_hidden: torch.Tensor | None = None  # [rows, H] of the last step, when kept
@@ -120,7 +123,7 @@ class ModelRunner:
         """Make the step's copy-on-write copies, run the forward; float32 logits [rows, vocab]."""
         self.kv_cache.copy_blocks(batch.copies)
         meta = AttentionMetadata.build(
-            batch.seqs, self.kv_cache.block_size, self.device, self.cascade_attention
+            batch.seqs, self.kv_cache.block_size, self.device, self.cascade_attention, self.native is not None
         )
         batch.meta = meta
         ids = torch.tensor([batch.input_ids], dtype=torch.long, device=self.device)
@@ -128,6 +131,7 @@ class ModelRunner:
         keep = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
         FORWARD_CONTEXT.kv_cache = self.kv_cache
         FORWARD_CONTEXT.meta = meta
+        FORWARD_CONTEXT.native = self.native
         try:
             if not self.keep_hidden:
                 out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep)

@@ -8,7 +8,8 @@ blocks (forked as `[Fork]` forks). Next to them: `transformers`' own forward of 
 T, one new token each, a DynamicCache of `--context` tokens per row) and the bandwidth floor,
 the step's weight bytes over the memory bandwidth measured in the same run (a big tensor copy).
 The engine runs as it serves (float32 linears pre-packed for oneDNN where that is available,
-apar_worker/packed_linear.py) and again with `linear_kernel: plain`, the reference path.
+apar_worker/packed_linear.py, C++ decode attention, apar_worker/native.py) and again on torch
+ops alone (`linear_kernel: plain`, `native_kernels: false`), the reference path.
 
 The prompts are prefilled through the first decoder layer only (the K/V values of the other
 layers stay zero): a decode step's cost does not depend on the values, and a full prefill of
@@ -203,8 +204,9 @@ def hf_rows(model_dir: Path, tokens: list[int], context: int, repeats: int) -> l
 
 
 def _mode(
-    model_dir: Path, quantization: str | None, kernel: str, args: argparse.Namespace, gbs: float
+    model_dir: Path, quantization: str | None, plain: bool, args: argparse.Namespace, gbs: float
 ) -> dict:
+    """One engine's rows: as it serves (`plain=False`), or on torch ops alone (`plain=True`)."""
     from apar_worker.engine import Engine, EngineConfig
     from apar_worker.packed_linear import PackedLinear
 
@@ -216,7 +218,8 @@ def _mode(
         model=str(model_dir),
         device="cpu",
         quantization=quantization,
-        linear_kernel=kernel,
+        linear_kernel="plain" if plain else "auto",
+        native_kernels=not plain,
         num_blocks=rows_max * per_row + 16,
         max_num_batched_tokens=max(4096, rows_max),
         max_num_seqs=max(128, rows_max),
@@ -233,6 +236,7 @@ def _mode(
     return {
         "quantization": quantization or "none",
         "linear_kernel": "onednn" if packed else "plain",
+        "attention": "native" if engine.runner.native is not None else "torch",
         "weight_bytes": wbytes,
         "floor_ms": floor,
         "rows": rows,
@@ -254,11 +258,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = model_dir(args.model)
     with torch_threads(args.threads):
         gbs = bandwidth_gbs(args.bandwidth_mb)
-        modes = [_mode(path, None, "auto", args, gbs)]
-        if not args.no_plain and modes[0]["linear_kernel"] != "plain":
-            modes.append(_mode(path, None, "plain", args, gbs))  # the reference path, same run
+        modes = [_mode(path, None, False, args, gbs)]
+        if not args.no_plain and _weights_name(modes[0]) != "fp32 (plain torch ops)":
+            modes.append(_mode(path, None, True, args, gbs))  # the reference path, same run
         if args.quantization == "int8":
-            modes.append(_mode(path, "int8", "auto", args, gbs))
+            modes.append(_mode(path, "int8", False, args, gbs))
         hf = [] if args.no_hf else hf_rows(path, args.tokens, args.context, args.repeats)
     for mode in modes:
         mode["ratios"] = ratios(mode)
@@ -276,9 +280,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _weights_name(mode: dict) -> str:
-    if mode["quantization"] != "none":
-        return mode["quantization"]
-    return "fp32 (oneDNN-packed)" if mode.get("linear_kernel") == "onednn" else "fp32 (plain)"
+    weights = "fp32" if mode["quantization"] == "none" else mode["quantization"]
+    parts = ["oneDNN-packed linears"] if mode.get("linear_kernel") == "onednn" else []
+    parts += ["C++ attention"] if mode.get("attention") == "native" else []
+    return f"{weights} ({', '.join(parts) or 'plain torch ops'})"
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -359,7 +364,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--bandwidth-mb", type=int, default=256, help="MiB copied to measure bandwidth")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers forward")
-    p.add_argument("--no-plain", action="store_true", help="skip the plain (unpacked) fp32 reference rows")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain torch-ops fp32 reference rows")
     p.add_argument("--json", default=str(RESULTS_DIR / "step.json"), metavar="OUT")
     p.add_argument("--plot", default=str(RESULTS_DIR / "step.png"), metavar="OUT.png")
 

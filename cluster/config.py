@@ -54,6 +54,7 @@ class EngineSection:
     quantization: str | None
     linear_kernel: str
     cascade_attention: bool
+    native_kernels: bool
     speculative: dict | None
 
 

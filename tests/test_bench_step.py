@@ -28,12 +28,13 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "16-token step / 1-token step (1 br/req):" in text
     assert "16-token step / 1-token step (8 br/req):" in text
-    assert "1-token step / bandwidth floor:" in text and "int8 weights:" in text
+    assert "1-token step / bandwidth floor:" in text and "\nint8 (" in text
     data = json.loads(out.read_text())
     assert data["benchmark"] == "step" and data["bandwidth_gbs"] > 0
     assert [m["quantization"] for m in data["modes"]] == ["none", "none", "int8"]
     assert [m["linear_kernel"] for m in data["modes"][:2]] == ["onednn", "plain"]
-    assert "fp32 (oneDNN-packed) weights:" in text and "fp32 (plain) weights:" in text
+    assert data["modes"][1]["attention"] == "torch"
+    assert "fp32 (oneDNN-packed linears" in text and "fp32 (plain torch ops) weights:" in text
     for mode in data["modes"]:
         assert mode["weight_bytes"] > 0 and mode["floor_ms"] > 0
         got = {(r["branches"], r["tokens"]): r for r in mode["rows"]}

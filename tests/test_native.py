@@ -1,0 +1,121 @@
+"""The C++ decode-attention kernel (apar_worker/native.py) against the torch paths."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from engine_utils import make_model, make_tokenizer
+from test_cascade import CPU, _Layer
+from test_engine import assert_pool_empty, forcing_hook
+
+from apar_worker import native
+from apar_worker.attention import FORWARD_CONTEXT, AttentionMetadata, SeqSlice, paged_attention
+from apar_worker.cascade import attend_math
+from apar_worker.engine import Engine, EngineConfig
+from apar_worker.kv_cache import KVCache
+from apar_worker.types import GenerateRequest, SamplingParams
+
+KERNEL = native.paged_decode_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler or ninja on this machine")
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv_heads,heads", [(2, 6), (3, 3)])
+def test_the_kernel_equals_softmax_attention_over_the_same_blocks(kv_heads, heads):
+    torch.manual_seed(1)
+    bs, d, nb = 4, 16, 40
+    kc, vc = torch.randn(kv_heads, nb, bs, d), torch.randn(kv_heads, nb, bs, d)
+    tables = [[3, 7, 1, 9, 20], [0, 1], [39], [5, 6, 7, 8, 9]]
+    keys = [19, 5, 1, 20]
+    q = torch.randn(len(keys), heads, d)
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    out, lse = KERNEL.paged_decode(q, kc, vc, padded, torch.tensor(keys), d**-0.5)
+    rep = heads // kv_heads
+    for i, (table, n) in enumerate(zip(tables, keys, strict=True)):
+        k = kc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
+        v = vc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
+        ref_o, ref_l = attend_math(q[i][:, None], k, v, None, d**-0.5)
+        torch.testing.assert_close(out[i], ref_o[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[i], ref_l[:, 0], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("cascade", [False, True])
+def test_paged_attention_through_the_kernel_equals_the_torch_path(cascade):
+    torch.manual_seed(0)
+    bs, d, kv_heads, heads = 4, 16, 2, 6
+    cache = KVCache(1, 64, bs, kv_heads, d, torch.float32, CPU)
+    cache.data.normal_()
+    prefix = list(range(6))
+    seqs = [
+        SeqSlice(0, 1, prefix + [10, 11], 29),
+        SeqSlice(1, 2, prefix + [12], 25),
+        SeqSlice(2, 5, prefix + [13, 14], 29),  # three query tokens (drafts)
+        SeqSlice(5, 6, [20, 21, 22], 9),
+        SeqSlice(6, 7, [33, 18, 34, 19], 14),
+        SeqSlice(7, 8, [33, 18, 35], 9),
+        SeqSlice(8, 20, list(range(40, 45)), 4),  # a prefill chunk: the long path, not the kernel
+    ]
+    t = 20
+    q, k, v = torch.randn(1, heads, t, d), torch.randn(1, kv_heads, t, d), torch.randn(1, kv_heads, t, d)
+    outs = []
+    for use in (False, True):
+        meta = AttentionMetadata.build(seqs, bs, CPU, cascade=cascade, native=use)
+        assert (meta.nat_tables is not None) == use
+        FORWARD_CONTEXT.kv_cache, FORWARD_CONTEXT.meta = cache, meta
+        FORWARD_CONTEXT.native = KERNEL if use else None
+        try:
+            outs.append(paged_attention(_Layer(), q, k, v, None, scaling=d**-0.5)[0].clone())
+        finally:
+            FORWARD_CONTEXT.meta = FORWARD_CONTEXT.native = None
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_engine_with_the_kernel_decodes_what_the_torch_path_decodes(family):
+    """Forced forks, two requests sharing a prompt, ngram drafts (several query rows a branch)."""
+    model = make_model(family, seed=7)
+    force = {(0, 2), (0, 6), (1, 4)}
+    prompt = [5 + i % 9 for i in range(45)]  # repetitive: the ngram proposer finds drafts
+
+    def run(use: bool):
+        record: list = []
+        cfg = EngineConfig(block_size=4, num_blocks=400, native_kernels=use, speculative={"method": "ngram"})
+        engine = Engine.from_model(model, make_tokenizer(), cfg, logits_hook=forcing_hook(force, record))
+        assert (engine.runner.native is not None) == use
+        sampling = SamplingParams(max_tokens=40, ignore_eos=True)
+        reqs = [
+            GenerateRequest(prompt_token_ids=prompt, sampling=sampling, request_id=f"r{i}") for i in range(2)
+        ]
+        outs = engine.generate(reqs)
+        assert_pool_empty(engine)
+        return outs, record, engine.stats().spec_draft_tokens
+
+    plain, rec_plain, _ = run(False)
+    fast, rec_fast, drafted = run(True)
+    assert drafted > 0 and len(plain[0].branches) >= 3
+    assert [o.text for o in fast] == [o.text for o in plain]
+    assert len(rec_plain) == len(rec_fast)
+    worst = max((a[2] - b[2]).abs().max().item() for a, b in zip(rec_plain, rec_fast, strict=True))
+    assert worst < 1e-4, worst
+
+
+def test_no_compiler_means_torch_attention_and_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(native.shutil, "which", lambda tool: None)
+    native.paged_decode_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="apar_worker.native"):
+            assert native.paged_decode_kernel() is None
+        assert "native kernels unavailable (no c++, ninja on PATH)" in caplog.text
+        engine = Engine.from_model(make_model("llama"), make_tokenizer(), EngineConfig(num_blocks=64))
+        assert engine.runner.native is None
+        out = engine.generate(
+            [GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=4))]
+        )
+        assert out[0].num_tokens == 4
+    finally:
+        native.paged_decode_kernel.cache_clear()
