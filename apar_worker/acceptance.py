@@ -46,7 +46,9 @@ class TokenApplier:
         active = list(range(len(rows)))
         wave = 0
         while active:
-            tokens = self._sample([rows[i] for i in active], logits[[first_row[i] + wave for i in active]])
+            tokens = self._sample(
+                [rows[i] for i in active], _take(logits, [first_row[i] + wave for i in active])
+            )
             going_on = []
             for i, tok in zip(active, tokens, strict=True):
                 state, br = rows[i]
@@ -85,3 +87,11 @@ class TokenApplier:
             [br.tokens for _, br in rows],
             [br.generator for _, br in rows],
         )
+
+
+def _take(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Rows `idx` of the logits: a view where they are consecutive (every step without drafts),
+    so the [rows, vocab] matrix is not copied."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return logits[idx[0] : idx[0] + len(idx)]
+    return logits[idx]

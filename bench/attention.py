@@ -5,7 +5,9 @@ The plain path gathers every branch's whole context in every layer; the cascade 
 all branches' queries to the shared prompt once and each branch to its own blocks
 (apar_worker/cascade.py). The model's attention shape (layers, heads, KV heads, head size) is
 read from its config; the cache holds random values (attention cost does not depend on them).
-Both paths' outputs are compared in the same run.
+A third path, where the C++ kernel builds (apar_worker/native.py), is what the engine runs on
+CPU: each branch's own blocks through the kernel, read in place, and the prompt through the
+cascade. All paths' outputs are compared in the same run.
 """
 
 from __future__ import annotations
@@ -40,38 +42,45 @@ def _setup(shape: dict[str, int], branches: int, prompt: int, own: int, bs: int)
     return cache, seqs
 
 
-def measure(shape: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+def measure(shape: dict[str, int], n: int, args: argparse.Namespace) -> dict[str, Any]:
     """ms of one step's attention over every layer, each path; and their largest difference."""
     import torch
 
     from apar_worker.attention import FORWARD_CONTEXT, AttentionMetadata, paged_attention
+    from apar_worker.native import paged_decode_kernel
 
-    cache, seqs = _setup(shape, args.branches, args.prompt_tokens, args.own_tokens, args.block_size)
-    h, kvh, d, n = shape["heads"], shape["kv_heads"], shape["head_dim"], args.branches
+    cache, seqs = _setup(shape, n, args.prompt_tokens, args.own_tokens, args.block_size)
+    h, kvh, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
     q, k, v = torch.randn(1, h, n, d), torch.randn(1, kvh, n, d), torch.randn(1, kvh, n, d)
     layers = []
     for i in range(shape["layers"]):
         m = torch.nn.Module()
         m.layer_idx = i
         layers.append(m)
+    kernel = paged_decode_kernel()
+    paths = {"plain": (False, None), "cascade": (True, None)} | ({"native": (True, kernel)} if kernel else {})
     out: dict[str, Any] = {}
     results = {}
-    for cascade in (False, True, False, True):  # twice each, alternating: drift hits both alike
-        meta = AttentionMetadata.build(seqs, args.block_size, torch.device("cpu"), cascade=cascade)
-        FORWARD_CONTEXT.kv_cache, FORWARD_CONTEXT.meta = cache, meta
+    for name in [*paths, *paths]:  # twice each, alternating: drift hits every path alike
+        cascade, native = paths[name]
+        meta = AttentionMetadata.build(
+            seqs, args.block_size, torch.device("cpu"), cascade, native is not None
+        )
+        FORWARD_CONTEXT.kv_cache, FORWARD_CONTEXT.meta, FORWARD_CONTEXT.native = cache, meta, native
         try:
-            results[cascade] = paged_attention(layers[0], q, k, v, None, scaling=d**-0.5)[0].clone()
+            results[name] = paged_attention(layers[0], q, k, v, None, scaling=d**-0.5)[0].clone()
             start = time.perf_counter()
             for _ in range(args.repeats):
                 for layer in layers:
                     paged_attention(layer, q, k, v, None, scaling=d**-0.5)
             ms = (time.perf_counter() - start) / args.repeats * 1000
         finally:
-            FORWARD_CONTEXT.meta = None
-        key = "cascade_ms" if cascade else "plain_ms"
-        out[key] = min(out.get(key, ms), ms)
-    out["max_abs_diff"] = (results[False] - results[True]).abs().max().item()
+            FORWARD_CONTEXT.meta = FORWARD_CONTEXT.native = None
+        out[f"{name}_ms"] = min(out.get(f"{name}_ms", ms), ms)
+    out["max_abs_diff"] = max((results[p] - results["plain"]).abs().max().item() for p in paths)
     out["ratio"] = ratio(out["cascade_ms"], out["plain_ms"])
+    if "native" in paths:
+        out["native_ratio"] = ratio(out["native_ms"], out["plain_ms"])
     return out
 
 
@@ -122,9 +131,8 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     with torch_threads(args.threads):
         for n in counts:
-            args.branches = n
-            rows.append({"branches": n, **measure(shape, args)})
-    heads = ["branches", "plain ms", "cascade ms", "cascade / plain", "max |diff|"]
+            rows.append({"branches": n, **measure(shape, n, args)})
+    heads = ["branches", "plain ms", "cascade ms", "cascade / plain", "C++ ms", "C++ / plain", "max |diff|"]
     print(
         f"one decode step's attention over {shape['layers']} layers, {args.prompt_tokens}-token shared prompt"
     )
@@ -132,7 +140,10 @@ def main(args: argparse.Namespace) -> int:
         table(
             heads,
             [
-                [r["branches"], r["plain_ms"], r["cascade_ms"], r["ratio"], f"{r['max_abs_diff']:.1e}"]
+                [
+                    *(r["branches"], r["plain_ms"], r["cascade_ms"], r["ratio"]),
+                    *(r.get("native_ms"), r.get("native_ratio"), f"{r['max_abs_diff']:.1e}"),
+                ]
                 for r in rows
             ],
         )
