@@ -7,6 +7,10 @@ guesses the token at t + 2 + k: after a step, the heads run on the row that prod
 last token, and their guesses are its drafts for the next step. Zero-initialised heads are the
 identity, so they start out guessing the next token again; `apar train --draft-heads` fits them
 on the model's own answers (apar_train/draft_heads.py). The file is small (~1 M parameters).
+
+In the engine the heads' guesses give way to a prompt-lookup match where the branch's context has
+one (`lookup`): a copied span is right far more often than a head's guess (36 % for the first head
+of apar-smol's), and where nothing repeats the heads still draft.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from apar_worker.model_registry import adapter_of
 from apar_worker.sequence import Branch, RequestState
+from apar_worker.speculative import ngram_lookup
 from apar_worker.types import ModelLoadError
 
 HEADS_FILE = "draft_heads.safetensors"
@@ -74,11 +79,13 @@ class DraftHeads(torch.nn.Module):
 
 
 class DraftHeadsProposer:
-    """Keeps each branch's guesses from the step that just ran; proposes them next step."""
+    """Keeps each branch's guesses from the step that just ran; proposes them next step, unless
+    `lookup` (prompt_lookup_min, max) finds the context's last tokens earlier in it."""
 
-    def __init__(self, heads: DraftHeads, model) -> None:
+    def __init__(self, heads: DraftHeads, model, lookup: tuple[int, int] | None = None) -> None:
         self.heads = heads
         self.embedding = output_matrix(model)
+        self.lookup = lookup
         self.guesses: dict[int, tuple[int, list[int]]] = {}  # id(branch) -> (len(tokens), guesses)
 
     def observe(self, rows: list[tuple[RequestState, Branch]], hidden: torch.Tensor) -> None:
@@ -91,6 +98,10 @@ class DraftHeadsProposer:
             self.guesses[id(br)] = (len(br.tokens), g)
 
     def propose(self, state: RequestState, br: Branch, k: int) -> list[int]:
+        if self.lookup is not None:
+            copied = ngram_lookup(br.tokens, k, *self.lookup)
+            if copied:
+                return copied
         got = self.guesses.get(id(br))
         if got is None or got[0] != len(br.tokens):
             return []
@@ -123,7 +134,9 @@ def find_heads(model_dir: Path | None, configured: str | None) -> Path | None:
     return None
 
 
-def load_proposer(model, model_dir: Path | None, configured: str | None) -> DraftHeadsProposer | None:
+def load_proposer(
+    model, model_dir: Path | None, configured: str | None, lookup: tuple[int, int] | None = None
+) -> DraftHeadsProposer | None:
     path = find_heads(model_dir, configured)
     if path is None:
         return None
@@ -133,4 +146,4 @@ def load_proposer(model, model_dir: Path | None, configured: str | None) -> Draf
         raise ModelLoadError(
             f"draft heads {path} are for hidden size {heads.blocks[0].in_features}, not {weight.shape[1]}"
         )
-    return DraftHeadsProposer(heads.to(weight.device, weight.dtype), model)
+    return DraftHeadsProposer(heads.to(weight.device, weight.dtype), model, lookup)

@@ -34,7 +34,7 @@ class SpeculativeConfig:
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
-    prompt_lookup_min: int = 2  # ngram: shortest suffix of the context matched
+    prompt_lookup_min: int = 2  # ngram (and draft_heads, before its heads): shortest suffix matched
     prompt_lookup_max: int = 4  # ngram: longest suffix tried first
     token_budget: int = 32  # cap: tokens all decoding branches feed together, drafts included
     draft_heads: str | None = None  # draft_heads: file of trained heads (default: the model's own)
@@ -139,7 +139,8 @@ class Speculator:
         if model is not None and (model_dir is not None or lookup.draft_heads):
             from apar_worker.draft_heads import load_proposer  # torch: only with a real model
 
-            heads = load_proposer(model, model_dir, lookup.draft_heads)
+            span = (lookup.prompt_lookup_min, lookup.prompt_lookup_max)
+            heads = load_proposer(model, model_dir, lookup.draft_heads, span)
             if heads is not None:
                 found["draft_heads"] = heads
         found.update(proposers or {})

@@ -11,6 +11,7 @@ from apar_train.draft_heads import HeadsConfig, Recorder, accuracy, draft_vocab,
 from apar_worker.draft_heads import HEADS_FILE, DraftHeads, DraftHeadsProposer, find_heads, output_matrix
 from apar_worker.engine import Engine, EngineConfig
 from apar_worker.model_registry import resolve_model
+from apar_worker.sequence import Branch
 from apar_worker.types import GenerateRequest, InvalidRequestError, ModelLoadError, SamplingParams
 
 
@@ -111,3 +112,22 @@ def test_shipped_model_heads_load_and_keep_the_answer():
     assert on.text == off.text and len(on.branches) == len(off.branches) > 1
     assert sum(b.spec_accepted for b in on.branches) > 0
     assert on.steps < off.steps
+
+
+def test_heads_give_way_to_a_prompt_lookup_match():
+    """With `lookup`, a repeated context proposes what followed it; elsewhere the heads' guesses."""
+    model = make_model("llama", seed=2)
+    heads = DraftHeads(64, 3, torch.arange(50, 60))
+    proposer = DraftHeadsProposer(heads, model, lookup=(2, 4))
+    plain = DraftHeadsProposer(heads, model)
+    state = None
+    br = Branch(id=0, parent=None, depth=0, tokens=[7, 8, 9, 10, 11, 7, 8], own_start=0)
+    proposer.observe([(state, br)], torch.zeros(1, 64))
+    plain.observe([(state, br)], torch.zeros(1, 64))
+    assert proposer.propose(state, br, 3) == [9, 10, 11]  # what followed "7 8" before
+    guesses = plain.propose(state, br, 3)
+    assert len(guesses) == 3 and all(50 <= t < 60 for t in guesses)  # the heads' own guesses
+    fresh = Branch(id=1, parent=None, depth=0, tokens=[1, 2, 3, 4], own_start=0)  # nothing repeats
+    for p in (proposer, plain):
+        p.observe([(state, fresh)], torch.zeros(1, 64))
+    assert proposer.propose(state, fresh, 2) == plain.propose(state, fresh, 2) == guesses[:2]
