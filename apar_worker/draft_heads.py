@@ -29,6 +29,9 @@ from apar_worker.speculative import ngram_lookup
 from apar_worker.types import ModelLoadError
 
 HEADS_FILE = "draft_heads.safetensors"
+# A head's guess is drafted only while it (and every head before it) puts at least this much
+# probability on it: a low-confidence guess is mostly rejected, and each draft costs a row.
+MIN_CONFIDENCE = 0.3
 
 
 class DraftHeads(torch.nn.Module):
@@ -55,8 +58,16 @@ class DraftHeads(torch.nn.Module):
     @torch.no_grad()
     def guess(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """[R, num_heads] token ids: each head's top guess."""
-        idx = self.logits(hidden.to(embedding.dtype), embedding).argmax(-1)
-        return self.vocab[idx].T
+        return self.guess_with_confidence(hidden, embedding)[0]
+
+    @torch.no_grad()
+    def guess_with_confidence(
+        self, hidden: torch.Tensor, embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """([R, num_heads] token ids, [R, num_heads] the heads' softmax probability of each)."""
+        probs = self.logits(hidden.to(embedding.dtype), embedding).float().softmax(-1)
+        best, idx = probs.max(-1)
+        return self.vocab[idx].T, best.T
 
     def save(self, path: Path, meta: dict) -> None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -93,9 +104,10 @@ class DraftHeadsProposer:
         self.guesses.clear()
         if not rows:
             return
-        guesses = self.heads.guess(hidden, self.embedding).tolist()
-        for (_, br), g in zip(rows, guesses, strict=True):
-            self.guesses[id(br)] = (len(br.tokens), g)
+        ids, conf = self.heads.guess_with_confidence(hidden, self.embedding)
+        sure = (conf >= MIN_CONFIDENCE).int().cumprod(dim=1).sum(dim=1).tolist()  # leading confident heads
+        for (_, br), g, n in zip(rows, ids.tolist(), sure, strict=True):
+            self.guesses[id(br)] = (len(br.tokens), g[:n])
 
     def propose(self, state: RequestState, br: Branch, k: int) -> list[int]:
         if self.lookup is not None:

@@ -114,20 +114,21 @@ def test_shipped_model_heads_load_and_keep_the_answer():
     assert on.steps < off.steps
 
 
-def test_heads_give_way_to_a_prompt_lookup_match():
-    """With `lookup`, a repeated context proposes what followed it; elsewhere the heads' guesses."""
+def test_heads_give_way_to_a_prompt_lookup_match_and_draft_only_confident_guesses():
+    """With `lookup`, a repeated context proposes what followed it; elsewhere the heads' guesses,
+    as long as they are confident (a uniform guess drafts nothing)."""
     model = make_model("llama", seed=2)
-    heads = DraftHeads(64, 3, torch.arange(50, 60))
+    heads = DraftHeads(64, 3, torch.arange(50, 60))  # zero-initialised: each head guesses the next token
     proposer = DraftHeadsProposer(heads, model, lookup=(2, 4))
     plain = DraftHeadsProposer(heads, model)
+    sure = output_matrix(model)[55][None] * 50  # a state whose next token is clearly 55
     state = None
     br = Branch(id=0, parent=None, depth=0, tokens=[7, 8, 9, 10, 11, 7, 8], own_start=0)
-    proposer.observe([(state, br)], torch.zeros(1, 64))
-    plain.observe([(state, br)], torch.zeros(1, 64))
-    assert proposer.propose(state, br, 3) == [9, 10, 11]  # what followed "7 8" before
-    guesses = plain.propose(state, br, 3)
-    assert len(guesses) == 3 and all(50 <= t < 60 for t in guesses)  # the heads' own guesses
     fresh = Branch(id=1, parent=None, depth=0, tokens=[1, 2, 3, 4], own_start=0)  # nothing repeats
     for p in (proposer, plain):
-        p.observe([(state, fresh)], torch.zeros(1, 64))
-    assert proposer.propose(state, fresh, 2) == plain.propose(state, fresh, 2) == guesses[:2]
+        p.observe([(state, br), (state, fresh)], sure.expand(2, 64))
+    assert proposer.propose(state, br, 3) == [9, 10, 11]  # what followed "7 8" before
+    assert plain.propose(state, br, 3) == [55, 55, 55]  # the heads' own guesses
+    assert proposer.propose(state, fresh, 2) == plain.propose(state, fresh, 2) == [55, 55]
+    plain.observe([(state, fresh)], torch.zeros(1, 64))  # every draft token equally likely
+    assert plain.propose(state, fresh, 3) == []
