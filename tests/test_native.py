@@ -7,14 +7,13 @@ import logging
 import pytest
 import torch
 from engine_utils import make_model, make_tokenizer
-from test_cascade import CPU, _Layer
+from test_cascade import CPU, _Layer, random_cache
 from test_engine import assert_pool_empty, forcing_hook
 
 from apar_worker import native
 from apar_worker.attention import FORWARD_CONTEXT, AttentionMetadata, SeqSlice, paged_attention
 from apar_worker.cascade import attend_math
 from apar_worker.engine import Engine, EngineConfig
-from apar_worker.kv_cache import KVCache
 from apar_worker.types import GenerateRequest, SamplingParams
 
 KERNEL = native.paged_decode_kernel()
@@ -47,8 +46,7 @@ def test_the_kernel_equals_softmax_attention_over_the_same_blocks(kv_heads, head
 def test_paged_attention_through_the_kernel_equals_the_torch_path(cascade):
     torch.manual_seed(0)
     bs, d, kv_heads, heads = 4, 16, 2, 6
-    cache = KVCache(1, 64, bs, kv_heads, d, torch.float32, CPU)
-    cache.data.normal_()
+    cache = random_cache(kv_heads, d, bs)
     prefix = list(range(6))
     seqs = [
         SeqSlice(0, 1, prefix + [10, 11], 29),
