@@ -14,7 +14,7 @@ import sys
 import time
 
 from apar_worker.speculative import SpeculativeConfig
-from apar_worker.types import AparError, GenerateRequest, SamplingParams
+from apar_worker.types import LINEAR_KERNELS, AparError, GenerateRequest, SamplingParams
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--linear-kernel",
         default="auto",
-        choices=["auto", "plain", "onednn"],
+        choices=LINEAR_KERNELS,
         help="auto: float32 CPU linears pre-packed for oneDNN; plain: torch's own path",
     )
     p.add_argument(

@@ -17,14 +17,10 @@ any model it is given and errors where it cannot.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from apar_worker.types import LINEAR_KERNELS, ModelLoadError
-
-log = logging.getLogger(__name__)
 
 BATCH_HINT = 16  # rows oneDNN tunes the packed layout for; measured flat over 1-32 rows
 

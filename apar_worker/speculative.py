@@ -35,7 +35,7 @@ class SpeculativeConfig:
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2  # ngram (and draft_heads, before its heads): shortest suffix matched
-    prompt_lookup_max: int = 4  # ngram: longest suffix tried first
+    prompt_lookup_max: int = 4  # ngram (and draft_heads' lookup): longest suffix tried first
     token_budget: int = 32  # cap: tokens all decoding branches feed together, drafts included
     draft_heads: str | None = None  # draft_heads: file of trained heads (default: the model's own)
 

@@ -259,7 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch_threads(args.threads):
         gbs = bandwidth_gbs(args.bandwidth_mb)
         modes = [_mode(path, None, False, args, gbs)]
-        if not args.no_plain and _weights_name(modes[0]) != "fp32 (plain torch ops)":
+        served = modes[0]
+        if not args.no_plain and (served["linear_kernel"], served["attention"]) != ("plain", "torch"):
             modes.append(_mode(path, None, True, args, gbs))  # the reference path, same run
         if args.quantization == "int8":
             modes.append(_mode(path, "int8", False, args, gbs))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from apar_worker.cli_generate import fail
+from apar_worker.types import LINEAR_KERNELS
 from cluster.config import ConfigError, ServeAppConfig, load_config, to_serve_deploy_dict
 from cluster.loopback import listen_on
 from cluster.redis_url import redact_url
@@ -83,7 +84,7 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--linear-kernel",
-        choices=["auto", "plain", "onednn"],
+        choices=LINEAR_KERNELS,
         default=None,
         help="linear layers of the worker engines: auto packs float32 CPU weights for oneDNN, plain does not",
     )
