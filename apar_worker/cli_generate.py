@@ -42,7 +42,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "--linear-kernel",
         default="auto",
         choices=LINEAR_KERNELS,
-        help="auto: float32 CPU linears pre-packed for oneDNN; plain: torch's own path",
+        help="auto: float32 CPU linears in the C++ kernel, else oneDNN-packed; plain: torch's own path",
     )
     p.add_argument(
         "--speculative-config",

@@ -70,7 +70,7 @@ class EngineConfig:
     cascade_attention: bool = True  # sibling branches attend their shared prefix once (cascade.py)
     native_kernels: bool = True  # C++ CPU decode attention built on first use (native.py); False: torch ops
     quantization: str | None = None  # None/"none": plain weights; "int8": apar_worker.quantization
-    linear_kernel: str = "auto"  # auto / plain / onednn: float32 linears pre-packed (packed_linear.py)
+    linear_kernel: str = "auto"  # auto / plain / onednn / native: float32 linears packed (packed_linear.py)
     # Speculative decoding for every request (None: only for requests that ask for it), as
     # SpeculativeConfig or its dict / JSON form (apar_worker/speculative.py).
     speculative: SpeculativeConfig | dict | str | None = None
@@ -95,7 +95,11 @@ class Engine:
         if tokenizer is None:
             raise ValueError("a tokenizer is required with an in-memory model")
         quantize_model(model, config.quantization)  # in place; a no-op unless "int8"
-        pack_model(model, config.linear_kernel, owned=model_dir is not None)  # in place (packed_linear.py)
+        owned = model_dir is not None
+        # in place; the kernel it chose: plain, onednn or native (packed_linear.py)
+        self.linear_kernel = pack_model(
+            model, config.linear_kernel, owned=owned, native_ok=config.native_kernels
+        )
         self.tokenizer = tokenizer
         shape = model_shape(model)
         self.vocab_size = shape.vocab_size

@@ -1,12 +1,13 @@
-"""The engine's C++ CPU kernels (`apar_worker/csrc/`), built on first use, or None.
+"""The engine's C++ CPU kernels (`apar_worker/csrc/`: decode attention, small-batch linear
+layers), built on first use, or None.
 
 `torch.utils.cpp_extension.load` compiles them once per machine and torch version into torch's
 extension cache (`$TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions; about a minute with
 g++ and ninja), then loads the cached library in well under a second. Vector flags come from
 /proc/cpuinfo (AVX2/FMA where present) rather than -march=native, which can pick up ISA
 extensions a sandbox advertises but does not grant. Where there is no compiler, no ninja, or
-the build fails, `paged_decode_kernel()` logs one warning and returns None, and attention runs
-on torch ops (`EngineConfig.native_kernels = False` asks for that directly).
+the build fails, `native_module()` logs one warning and returns None, and attention and linear
+layers run on torch ops (`EngineConfig.native_kernels = False` asks for that directly).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("bindings.cpp", "paged_decode.cpp", "skinny_linear.cpp")]
 
 
 def _cpu_flags() -> list[str]:
@@ -39,26 +41,33 @@ def decode_kernel_for(cache: torch.Tensor, enabled: bool = True) -> Any | None:
     return paged_decode_kernel()
 
 
-@functools.cache
 def paged_decode_kernel() -> Any | None:
-    """The built extension module (its `paged_decode` function), or None where it cannot be."""
+    """The built extension module, for its `paged_decode` function (attention)."""
+    return native_module()
+
+
+@functools.cache
+def native_module() -> Any | None:
+    """The built extension module (`paged_decode`, `pack_panels`, `skinny_linear`), or None
+    where it cannot be built."""
     missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
     if missing:
         log.warning(
-            "native kernels unavailable (no %s on PATH); attention runs on torch ops", ", ".join(missing)
+            "native kernels unavailable (no %s on PATH); attention and linears run on torch ops",
+            ", ".join(missing),
         )
         return None
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name="apar_paged_decode",
-            sources=[str(SOURCE)],
+            name="apar_native",
+            sources=[str(path) for path in SOURCES],
             extra_cflags=["-O3", "-fopenmp", *_cpu_flags()],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # a compiler error is a warning: the torch path still serves
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("native kernels failed to build (%s); attention runs on torch ops", first)
+        log.warning("native kernels failed to build (%s); attention and linears run on torch ops", first)
         return None

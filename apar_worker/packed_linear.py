@@ -8,11 +8,17 @@ blocked layout (what inductor's CPU freezing does, `mkldnn._reorder_linear_weigh
 1-32 rows at close to the weight-read time. Results are float32 products like the plain
 path's, with a different summation order (equal to ~1e-6 relative).
 
-`"auto"` packs where it helps: float32 weights on a CPU whose torch has oneDNN, checked by a
-probe, of a model the engine loaded itself; anywhere else (CUDA, fp16/bf16, int8 layers, a
-model handed in by the caller, which may still be training: packing drops the plain weights)
-it leaves the model as it is. `"plain"` never packs (the reference path); `"onednn"` packs
-any model it is given and errors where it cannot.
+`"native"` goes one step further: the engine's own C++ kernel (csrc/skinny_linear.cpp, built
+with the attention kernel by native.py) streams weights stored as 16-column panels once per
+step and multiplies them with the step's rows in registers; on SmolLM2 it cuts a 1-token step
+by about a fifth against oneDNN (see the README's step-cost figures).
+
+`"auto"` packs where it helps: float32 weights on a CPU, of a model the engine loaded itself,
+with the native kernel where it built (and passes a probe), else oneDNN where torch has it;
+anywhere else (CUDA, fp16/bf16, int8 layers, a model handed in by the caller, which may still
+be training: packing drops the plain weights) it leaves the model as it is. `"plain"` never
+packs (the reference path); `"onednn"` and `"native"` pack any model they are given and error
+where they cannot.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from apar_worker.native import native_module
 from apar_worker.types import LINEAR_KERNELS, ModelLoadError
 
 BATCH_HINT = 16  # rows oneDNN tunes the packed layout for; measured flat over 1-32 rows
@@ -56,6 +63,50 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn"
 
 
+class NativeLinear(nn.Module):
+    """`nn.Linear` whose weight lives as the native kernel's 16-column panels."""
+
+    def __init__(self, linear: nn.Linear, kernel, keep_weight: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.kernel = kernel
+        self.panels = kernel.pack_panels(weight.contiguous())
+        self.packed_bytes = weight.numel() * weight.element_size()
+        self.bias = linear.bias
+        self.weight = linear.weight if keep_weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = self.kernel.skinny_linear(x2, self.panels, self.out_features, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, native"
+
+
+def _probe(make) -> str | None:
+    """None if a layer built by `make(linear)` agrees with `F.linear`; else why not."""
+    try:
+        lin = nn.Linear(64, 24)
+        x = torch.linspace(-1, 1, 3 * 64).reshape(3, 64)
+        err = (make(lin)(x) - lin(x)).abs().max().item()
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None if err < 1e-4 else f"packed result is off by {err:.2g}"
+
+
+def native_error(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if the native linear kernel runs here and agrees with `F.linear`; else why not."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return f"native linears are a float32 CPU path (model is {dtype} on {device.type})"
+    kernel = native_module()
+    if kernel is None:
+        return "the native kernels did not build (see the warning above)"
+    return _probe(lambda lin: NativeLinear(lin, kernel))
+
+
 def onednn_error(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if packed oneDNN linears run here and agree with `F.linear`; else why not."""
     if device.type != "cpu":
@@ -64,31 +115,41 @@ def onednn_error(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"packed oneDNN linears are float32 only (model is {dtype})"
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN"
-    try:
-        lin = nn.Linear(64, 24)
-        x = torch.linspace(-1, 1, 3 * 64).reshape(3, 64)
-        err = (PackedLinear(lin)(x) - lin(x)).abs().max().item()
-    except (RuntimeError, NotImplementedError, AttributeError) as exc:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-    return None if err < 1e-4 else f"packed result is off by {err:.2g}"
+    return _probe(PackedLinear)
 
 
-def pack_model(model: nn.Module, kernel: str | None, *, owned: bool = True) -> int:
-    """Swap the model's float `nn.Linear` layers for `PackedLinear` in place; returns how many.
-    `auto` packs only an `owned` model where the probe passes, silently otherwise (a default)."""
+def choose_kernel(kernel: str | None, param: torch.Tensor, owned: bool, native_ok: bool) -> str:
+    """The kernel `pack_model` uses: `auto` picks native, then oneDNN, then plain, silently (a
+    default); `native` and `onednn` error where they cannot run."""
     kernel = parse_linear_kernel(kernel)
     if kernel == "plain" or (kernel == "auto" and not owned):
-        return 0
-    param = next(model.parameters())
-    problem = onednn_error(param.device, param.dtype)
-    if problem is not None:
-        if kernel == "onednn":
-            raise ModelLoadError(f"linear_kernel onednn is unavailable: {problem}")
-        return 0
+        return "plain"
+    checks = {"native": native_error, "onednn": onednn_error}
+    for name in ("native", "onednn") if kernel == "auto" else (kernel,):
+        if name == "native" and kernel == "auto" and not native_ok:
+            continue
+        problem = checks[name](param.device, param.dtype)
+        if problem is None:
+            return name
+        if kernel != "auto":
+            raise ModelLoadError(f"linear_kernel {kernel} is unavailable: {problem}")
+    return "plain"
+
+
+def pack_model(model: nn.Module, kernel: str | None, *, owned: bool = True, native_ok: bool = True) -> str:
+    """Swap the model's float `nn.Linear` layers for packed ones in place; returns the kernel
+    used (`plain`: none swapped). `native_ok=False` keeps `auto` off the native kernel (the
+    engine's `native_kernels: false`)."""
+    chosen = choose_kernel(kernel, next(model.parameters()), owned, native_ok)
+    if chosen == "plain":
+        return chosen
+    kernel_module = native_module() if chosen == "native" else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, PackedLinear(linear, keep_weight=linear is head))
-    return len(targets)
+        keep = linear is head
+        packed = NativeLinear(linear, kernel_module, keep) if kernel_module else PackedLinear(linear, keep)
+        setattr(parent, attr, packed)
+    return chosen

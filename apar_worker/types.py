@@ -26,7 +26,12 @@ CONTROL_TOKENS = (FORK_TOKEN, CHILD_TOKEN)
 
 # Draft proposers of speculative decoding (apar_worker/speculative.py).
 SPECULATIVE_METHODS = ("ngram", "draft_heads")
-LINEAR_KERNELS = ("auto", "plain", "onednn")  # EngineConfig.linear_kernel (apar_worker/packed_linear.py)
+LINEAR_KERNELS = (
+    "auto",
+    "plain",
+    "onednn",
+    "native",
+)  # EngineConfig.linear_kernel (apar_worker/packed_linear.py)
 
 
 class AparError(Exception):

@@ -7,8 +7,8 @@ prompts); with 8 branches per request, T/8 requests whose 8 sibling branches sha
 blocks (forked as `[Fork]` forks). Next to them: `transformers`' own forward of T rows (batch
 T, one new token each, a DynamicCache of `--context` tokens per row) and the bandwidth floor,
 the step's weight bytes over the memory bandwidth measured in the same run (a big tensor copy).
-The engine runs as it serves (float32 linears pre-packed for oneDNN where that is available,
-apar_worker/packed_linear.py, C++ decode attention, apar_worker/native.py) and again on torch
+The engine runs as it serves (float32 linears in the C++ kernel's panels, or pre-packed for
+oneDNN, apar_worker/packed_linear.py, C++ decode attention, apar_worker/native.py) and again on torch
 ops alone (`linear_kernel: plain`, `native_kernels: false`), the reference path.
 
 The prompts are prefilled through the first decoder layer only (the K/V values of the other
@@ -208,7 +208,6 @@ def _mode(
 ) -> dict:
     """One engine's rows: as it serves (`plain=False`), or on torch ops alone (`plain=True`)."""
     from apar_worker.engine import Engine, EngineConfig
-    from apar_worker.packed_linear import PackedLinear
 
     rows_max = max(args.tokens)
     growth = len(args.tokens) * (args.repeats + 1) + 4
@@ -232,10 +231,9 @@ def _mode(
     if engine.kv.num_free != engine.kv.num_blocks:
         raise BenchError("KV blocks leaked after the step benchmark")
     floor = wbytes / (gbs * 1e9) * 1000
-    packed = any(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
     return {
         "quantization": quantization or "none",
-        "linear_kernel": "onednn" if packed else "plain",
+        "linear_kernel": engine.linear_kernel,
         "attention": "native" if engine.runner.native is not None else "torch",
         "weight_bytes": wbytes,
         "floor_ms": floor,
@@ -282,7 +280,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _weights_name(mode: dict) -> str:
     weights = "fp32" if mode["quantization"] == "none" else mode["quantization"]
-    parts = ["oneDNN-packed linears"] if mode.get("linear_kernel") == "onednn" else []
+    names = {"onednn": "oneDNN-packed linears", "native": "C++ linears"}
+    parts = [names[mode["linear_kernel"]]] if mode.get("linear_kernel") in names else []
     parts += ["C++ attention"] if mode.get("attention") == "native" else []
     return f"{weights} ({', '.join(parts) or 'plain torch ops'})"
 

@@ -86,7 +86,7 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
         "--linear-kernel",
         choices=LINEAR_KERNELS,
         default=None,
-        help="linear layers of the worker engines: auto packs float32 CPU weights for oneDNN, plain does not",
+        help="linear layers of the worker engines: auto packs float32 CPU weights for the C++ kernel (else oneDNN), plain does not",
     )
     p.add_argument(
         "--speculative-config",

@@ -32,9 +32,9 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["benchmark"] == "step" and data["bandwidth_gbs"] > 0
     assert [m["quantization"] for m in data["modes"]] == ["none", "none", "int8"]
-    assert [m["linear_kernel"] for m in data["modes"][:2]] == ["onednn", "plain"]
+    assert [m["linear_kernel"] for m in data["modes"][:2]] == ["native", "plain"]
     assert data["modes"][1]["attention"] == "torch"
-    assert "fp32 (oneDNN-packed linears" in text and "fp32 (plain torch ops) weights:" in text
+    assert "fp32 (C++ linears, C++ attention)" in text and "fp32 (plain torch ops) weights:" in text
     for mode in data["modes"]:
         assert mode["weight_bytes"] > 0 and mode["floor_ms"] > 0
         got = {(r["branches"], r["tokens"]): r for r in mode["rows"]}

@@ -105,7 +105,7 @@ def test_build_app_applies_deployment_options():
         ({"engine": {"quantization": "int4"}}, "engine.quantization: 'int4' is not one of null, none, int8"),
         (
             {"engine": {"linear_kernel": "avx"}},
-            "engine.linear_kernel: 'avx' is not one of auto, plain, onednn",
+            "engine.linear_kernel: 'avx' is not one of auto, plain, onednn, native",
         ),
         ({"engine": []}, "engine: expected a mapping"),
         (

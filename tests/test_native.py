@@ -14,7 +14,8 @@ from apar_worker import native
 from apar_worker.attention import FORWARD_CONTEXT, AttentionMetadata, SeqSlice, paged_attention
 from apar_worker.cascade import attend_math
 from apar_worker.engine import Engine, EngineConfig
-from apar_worker.types import GenerateRequest, SamplingParams
+from apar_worker.packed_linear import pack_model
+from apar_worker.types import GenerateRequest, ModelLoadError, SamplingParams
 
 KERNEL = native.paged_decode_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler or ninja on this machine")
@@ -104,7 +105,7 @@ def test_engine_with_the_kernel_decodes_what_the_torch_path_decodes(family):
 
 def test_no_compiler_means_torch_attention_and_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(native.shutil, "which", lambda tool: None)
-    native.paged_decode_kernel.cache_clear()
+    native.native_module.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="apar_worker.native"):
             assert native.paged_decode_kernel() is None
@@ -115,14 +116,17 @@ def test_no_compiler_means_torch_attention_and_one_warning(monkeypatch, caplog):
             [GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=4))]
         )
         assert out[0].num_tokens == 4
+        assert pack_model(make_model("llama"), "auto") == "onednn"  # linears fall back as well
+        with pytest.raises(ModelLoadError, match="linear_kernel native is unavailable: the native kernels"):
+            pack_model(make_model("llama"), "native")
     finally:
-        native.paged_decode_kernel.cache_clear()
+        native.native_module.cache_clear()
 
 
 def test_the_kernel_builds_wherever_a_compiler_and_ninja_are():
     """The kernel tests above skip only where the tools are missing, never on a failed build."""
     if native.shutil.which("c++") and native.shutil.which("ninja"):
         assert KERNEL is not None
-        assert hasattr(KERNEL, "paged_decode")
+        assert hasattr(KERNEL, "paged_decode") and hasattr(KERNEL, "skinny_linear")
     else:
         assert KERNEL is None

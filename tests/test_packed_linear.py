@@ -1,4 +1,5 @@
-"""oneDNN-packed linear layers (`linear_kernel`) against the plain `nn.Linear` path."""
+"""Packed linear layers (`linear_kernel`: oneDNN and the native C++ kernel) against the plain
+`nn.Linear` path."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ from test_engine import assert_pool_empty, forcing_hook
 from torch import nn
 
 from apar_worker.engine import Engine, EngineConfig
-from apar_worker.packed_linear import PackedLinear, pack_model, parse_linear_kernel
+from apar_worker.native import native_module
+from apar_worker.packed_linear import NativeLinear, PackedLinear, pack_model, parse_linear_kernel
 from apar_worker.types import GenerateRequest, ModelLoadError, SamplingParams
+
+KERNEL = native_module()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler or ninja on this machine")
+PACKED = (PackedLinear, NativeLinear)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -28,31 +34,65 @@ def test_a_packed_layer_computes_what_the_plain_layer_computes(bias, shape):
     assert packed.weight is None and packed.packed_bytes == 64 * 40 * 4
 
 
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 33, 200])
+@pytest.mark.parametrize("out_features", [16, 40, 97])
+def test_a_native_layer_computes_what_the_plain_layer_computes(bias, rows, out_features):
+    """Every register-block size (1-6 rows), full and partial 16-column panels."""
+    torch.manual_seed(rows)
+    lin = nn.Linear(72, out_features, bias=bias)
+    layer = NativeLinear(lin, KERNEL)
+    x = torch.randn(2, rows, 72)
+    torch.testing.assert_close(layer(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert layer.weight is None and tuple(layer.panels.shape) == (-(-out_features // 16), 72, 16)
+
+
+@needs_kernel
+def test_the_native_kernel_refuses_bad_shapes_with_a_clear_error():
+    panels = KERNEL.pack_panels(torch.randn(40, 64))
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        KERNEL.skinny_linear(torch.randn(3, 65), panels, 40, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        KERNEL.skinny_linear(torch.randn(3, 64).double(), panels, 40, None)
+
+
 def test_parse_and_refusals():
     assert parse_linear_kernel(None) == "auto"
     assert parse_linear_kernel("plain") == "plain"
     with pytest.raises(ModelLoadError, match="unknown linear_kernel 'avx'"):
         parse_linear_kernel("avx")
     bf16 = make_model("llama").to(torch.bfloat16)
-    assert pack_model(bf16, "auto") == 0  # the default falls back silently
+    assert pack_model(bf16, "auto") == "plain"  # the default falls back silently
     with pytest.raises(ModelLoadError, match="float32 only"):
         pack_model(bf16, "onednn")
+    with pytest.raises(ModelLoadError, match="linear_kernel native is unavailable: .*float32 CPU"):
+        pack_model(bf16, "native")
 
 
-def test_auto_leaves_a_callers_model_alone_and_onednn_packs_every_linear():
+@pytest.mark.parametrize("kernel", ["onednn", pytest.param("native", marks=needs_kernel)])
+def test_auto_leaves_a_callers_model_alone_and_a_named_kernel_packs_every_linear(kernel):
     model = make_model("llama")
-    assert pack_model(model, "auto", owned=False) == 0
-    assert pack_model(model, "plain") == 0
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
-    n = pack_model(model, "onednn", owned=False)
-    assert n == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert pack_model(model, "auto", owned=False) == "plain"
+    assert pack_model(model, "plain") == "plain"
+    assert not any(isinstance(m, PACKED) for m in model.modules())
+    assert pack_model(model, kernel, owned=False) == kernel
+    kind = NativeLinear if kernel == "native" else PackedLinear
+    assert sum(isinstance(m, kind) for m in model.modules()) == 2 * 7 + 1  # 7 per layer, and the head
     assert not any(type(m) is nn.Linear for m in model.modules())
     head = model.get_output_embeddings()
     assert head.weight is model.get_input_embeddings().weight or head.weight is not None
 
 
+@needs_kernel
+def test_auto_prefers_the_native_kernel_unless_native_kernels_are_off():
+    assert pack_model(make_model("llama"), "auto") == "native"
+    assert pack_model(make_model("llama"), "auto", native_ok=False) == "onednn"
+
+
+@pytest.mark.parametrize("kernel", ["onednn", pytest.param("native", marks=needs_kernel)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_engine_with_packed_linears_decodes_what_the_plain_path_decodes(family):
+def test_engine_with_packed_linears_decodes_what_the_plain_path_decodes(family, kernel):
     """Forked APAR decoding (forced forks), two requests: same text, logits equal to 1e-4."""
     model = make_model(family, seed=5)
     force = {(0, 2), (0, 5), (1, 3)}
@@ -66,7 +106,7 @@ def test_engine_with_packed_linears_decodes_what_the_plain_path_decodes(family):
             EngineConfig(block_size=4, num_blocks=256, linear_kernel=kernel),
             logits_hook=forcing_hook(force, record),
         )
-        packed = sum(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
+        packed = sum(isinstance(m, PACKED) for m in engine.runner.model.modules())
         sampling = SamplingParams(max_tokens=30, ignore_eos=True)
         reqs = [
             GenerateRequest(prompt_token_ids=prompt, sampling=sampling, request_id=f"r{i}") for i in range(2)
@@ -76,7 +116,7 @@ def test_engine_with_packed_linears_decodes_what_the_plain_path_decodes(family):
         return outs, record, packed
 
     plain, rec_plain, n_plain = run("plain")
-    packed, rec_packed, n_packed = run("onednn")
+    packed, rec_packed, n_packed = run(kernel)
     assert n_plain == 0 and n_packed == 15
     assert [o.text for o in packed] == [o.text for o in plain] and len(plain[0].branches) >= 3
     assert len(rec_plain) == len(rec_packed)
@@ -89,7 +129,7 @@ def test_a_model_loaded_by_name_is_packed_by_default_and_plain_is_a_switch():
         engine = Engine(EngineConfig(model="apar-tiny", device="cpu", num_blocks=64, linear_kernel=kernel))
         req = GenerateRequest(prompt="Name two colours.", sampling=SamplingParams(max_tokens=12))
         out = engine.generate([req])[0]
-        return sum(isinstance(m, PackedLinear) for m in engine.runner.model.modules()), [
+        return sum(isinstance(m, PACKED) for m in engine.runner.model.modules()), [
             b.token_ids for b in out.branches
         ]
 

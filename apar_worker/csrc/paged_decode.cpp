@@ -92,7 +92,3 @@ std::vector<at::Tensor> paged_decode(
   });
   return {out, lse};
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache (CPU, float32)");
-}
