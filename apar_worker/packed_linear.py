@@ -40,50 +40,55 @@ def parse_linear_kernel(value: str | None) -> str:
     raise ModelLoadError(f"unknown linear_kernel {value!r}; choose one of {', '.join(LINEAR_KERNELS)}")
 
 
-class PackedLinear(nn.Module):
-    """`nn.Linear` whose weight lives in oneDNN's blocked layout. The plain weight is kept only
+class _Packed(nn.Module):
+    """`nn.Linear` whose weight lives in some kernel's own layout. The plain weight is kept only
     when asked (the output embedding, which draft heads and tied input embeddings read)."""
 
-    def __init__(self, linear: nn.Linear, keep_weight: bool = False) -> None:
+    KIND = ""
+
+    def __init__(self, linear: nn.Linear, keep_weight: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
-        self.packed_bytes = weight.numel() * weight.element_size()
+        self.packed_bytes = linear.weight.numel() * linear.weight.element_size()
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else None
 
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
-        return y.reshape(*lead, self.out_features)
+        return self.matmul(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.KIND}"
 
 
-class NativeLinear(nn.Module):
-    """`nn.Linear` whose weight lives as the native kernel's 16-column panels."""
+class PackedLinear(_Packed):
+    """The weight in oneDNN's blocked layout."""
+
+    KIND = "onednn"
+
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False) -> None:
+        super().__init__(linear, keep_weight)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), BATCH_HINT)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+
+
+class NativeLinear(_Packed):
+    """The weight as the native kernel's 16-column panels (csrc/skinny_linear.cpp)."""
+
+    KIND = "native"
 
     def __init__(self, linear: nn.Linear, kernel, keep_weight: bool = False) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
+        super().__init__(linear, keep_weight)
         self.kernel = kernel
-        self.panels = kernel.pack_panels(weight.contiguous())
-        self.packed_bytes = weight.numel() * weight.element_size()
-        self.bias = linear.bias
-        self.weight = linear.weight if keep_weight else None
+        self.panels = kernel.pack_panels(linear.weight.detach().contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        y = self.kernel.skinny_linear(x2, self.panels, self.out_features, self.bias)
-        return y.reshape(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, native"
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.kernel.skinny_linear(x2, self.panels, self.out_features, self.bias)
 
 
 def _probe(make) -> str | None:
