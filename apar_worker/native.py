@@ -38,11 +38,6 @@ def decode_kernel_for(cache: torch.Tensor, enabled: bool = True) -> Any | None:
     """The kernel where it applies (enabled, a float32 KV cache on CPU), else None."""
     if not enabled or cache.device.type != "cpu" or cache.dtype != torch.float32:
         return None
-    return paged_decode_kernel()
-
-
-def paged_decode_kernel() -> Any | None:
-    """The built extension module, for its `paged_decode` function (attention)."""
     return native_module()
 
 

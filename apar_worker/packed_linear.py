@@ -130,9 +130,8 @@ def choose_kernel(kernel: str | None, param: torch.Tensor, owned: bool, native_o
     if kernel == "plain" or (kernel == "auto" and not owned):
         return "plain"
     checks = {"native": native_error, "onednn": onednn_error}
-    for name in ("native", "onednn") if kernel == "auto" else (kernel,):
-        if name == "native" and kernel == "auto" and not native_ok:
-            continue
+    order = (kernel,) if kernel != "auto" else ("native", "onednn") if native_ok else ("onednn",)
+    for name in order:
         problem = checks[name](param.device, param.dtype)
         if problem is None:
             return name

@@ -47,7 +47,7 @@ def measure(shape: dict[str, int], n: int, args: argparse.Namespace) -> dict[str
     import torch
 
     from apar_worker.attention import FORWARD_CONTEXT, AttentionMetadata, paged_attention
-    from apar_worker.native import paged_decode_kernel
+    from apar_worker.native import native_module
 
     cache, seqs = _setup(shape, n, args.prompt_tokens, args.own_tokens, args.block_size)
     h, kvh, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
@@ -57,7 +57,7 @@ def measure(shape: dict[str, int], n: int, args: argparse.Namespace) -> dict[str
         m = torch.nn.Module()
         m.layer_idx = i
         layers.append(m)
-    kernel = paged_decode_kernel()
+    kernel = native_module()
     paths = {"plain": (False, None), "cascade": (True, None)} | ({"native": (True, kernel)} if kernel else {})
     out: dict[str, Any] = {}
     results = {}

@@ -17,7 +17,7 @@ from apar_worker.engine import Engine, EngineConfig
 from apar_worker.packed_linear import pack_model
 from apar_worker.types import GenerateRequest, ModelLoadError, SamplingParams
 
-KERNEL = native.paged_decode_kernel()
+KERNEL = native.native_module()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler or ninja on this machine")
 
 
@@ -108,7 +108,7 @@ def test_no_compiler_means_torch_attention_and_one_warning(monkeypatch, caplog):
     native.native_module.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="apar_worker.native"):
-            assert native.paged_decode_kernel() is None
+            assert native.native_module() is None
         assert "native kernels unavailable (no c++, ninja on PATH)" in caplog.text
         engine = Engine.from_model(make_model("llama"), make_tokenizer(), EngineConfig(num_blocks=64))
         assert engine.runner.native is None
