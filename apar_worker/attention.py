@@ -258,7 +258,7 @@ def _attend_items(out, q, k_cache, v_cache, meta: AttentionMetadata, scale: floa
     qn = q[:, meta.nat_tok].transpose(0, 1)  # [N, H, D]
     o, lse = kernel.paged_decode(qn, k_cache, v_cache, meta.nat_tables, meta.nat_keys, scale)
     if meta.dec_groups:
-        o = merge_groups(q, o, lse, k_cache, v_cache, meta.dec_groups, scale)
+        o = merge_groups(q, o, lse, k_cache, v_cache, meta.dec_groups, scale, kernel)
     out[meta.nat_tok] = o
 
 

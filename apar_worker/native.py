@@ -43,7 +43,7 @@ def decode_kernel_for(cache: torch.Tensor, enabled: bool = True) -> Any | None:
 
 @functools.cache
 def native_module() -> Any | None:
-    """The built extension module (`paged_decode`, `pack_panels`, `skinny_linear`), or None
+    """The built extension module (`paged_decode`, `paged_prefix`, `pack_panels`, `skinny_linear`), or None
     where it cannot be built."""
     missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
     if missing:

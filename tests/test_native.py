@@ -43,6 +43,26 @@ def test_the_kernel_equals_softmax_attention_over_the_same_blocks(kv_heads, head
 
 
 @needs_kernel
+@pytest.mark.parametrize("tokens", [1, 5, 9])
+def test_the_prefix_kernel_equals_softmax_attention_over_the_shared_blocks(tokens):
+    torch.manual_seed(2)
+    kv_heads, heads, bs, d, nb = 3, 9, 4, 16, 30
+    kc, vc = torch.randn(kv_heads, nb, bs, d), torch.randn(kv_heads, nb, bs, d)
+    blocks, keys = [4, 17, 2, 9], 15  # not consecutive, the last block partly used
+    q = torch.randn(tokens, heads, d)
+    out, lse = KERNEL.paged_prefix(q, kc, vc, torch.tensor(blocks), keys, d**-0.5)
+    k = kc[:, blocks].reshape(kv_heads, -1, d)[:, :keys].repeat_interleave(3, 0)
+    v = vc[:, blocks].reshape(kv_heads, -1, d)[:, :keys].repeat_interleave(3, 0)
+    ref_o, ref_l = attend_math(q.transpose(0, 1), k, v, None, d**-0.5)  # [H, M, D], [H, M]
+    torch.testing.assert_close(out, ref_o.transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_l.T, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="key count"):
+        KERNEL.paged_prefix(q, kc, vc, torch.tensor(blocks), 17, d**-0.5)
+    with pytest.raises(RuntimeError, match="block id"):
+        KERNEL.paged_prefix(q, kc, vc, torch.tensor([4, 99]), 5, d**-0.5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("cascade", [False, True])
 def test_paged_attention_through_the_kernel_equals_the_torch_path(cascade):
     torch.manual_seed(0)

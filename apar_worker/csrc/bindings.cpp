@@ -6,12 +6,16 @@
 std::vector<at::Tensor> paged_decode(const at::Tensor& q, const at::Tensor& k_cache,
                                      const at::Tensor& v_cache, const at::Tensor& tables,
                                      const at::Tensor& nkeys, double scale);
+std::vector<at::Tensor> paged_prefix(const at::Tensor& q, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache, const at::Tensor& blocks, int64_t nkeys,
+                                     double scale);
 at::Tensor pack_panels(const at::Tensor& weight);
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n,
                          const c10::optional<at::Tensor>& bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over the paged KV cache (CPU, float32)");
+  m.def("paged_prefix", &paged_prefix, "a group's queries over its shared prefix blocks (CPU, float32)");
   m.def("pack_panels", &pack_panels, "a float32 [N, K] weight as [N/16, K, 16] panels");
   m.def("skinny_linear", &skinny_linear, "x [M, K] times packed panels, + bias (CPU, float32)");
 }

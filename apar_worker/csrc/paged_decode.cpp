@@ -1,16 +1,217 @@
 // Decode attention straight from the paged KV cache, for CPU (apar_worker/native.py builds it).
 //
-// Each item is one query token (a decode row, or one of a branch's draft rows) with its own
-// list of blocks and number of keys. Work is split over (item, KV head); the query heads of
-// one KV head are handled together, so each key and value vector is read once per item. No
-// gather, no padding, no mask: the per-row torch path pays a kernel call per row, the batched
-// one a gathered, padded copy of every row's context.
+// `paged_decode`: each item is one query token (a decode row, or one of a branch's draft rows)
+// with its own list of blocks and number of keys. Work is split over (item, KV head); the query
+// heads of one KV head are handled together, so each key and value vector is read once per
+// item. No gather, no padding, no mask: the per-row torch path pays a kernel call per row, the
+// batched one a gathered, padded copy of every row's context.
+//
+// `paged_prefix`: the query tokens of a group of sibling rows (cascade attention) over the
+// prefix blocks they share, so each shared key and value is read once per group, not per row.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t PREFIX_CHUNK = 4;  // query tokens per work item in paged_prefix
+
+struct Cache {
+  const float* k;  // one KV head's [NB, BS, D]
+  const float* v;
+  int64_t nb, bs, d;
+};
+
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t TCH = 64;  // keys per chunk: a chunk's K or V (64 x D floats) stays in L1
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// e^x for x <= 0 (scores minus their max), Cephes' polynomial: ~1e-7 relative error.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// Eight dot products q . k[j] (DC * 8 floats each), as one vector of eight sums.
+template <int DC>
+inline __m256 dot8(const float* q, const float* const* k) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int c = 0; c < DC; ++c) {
+    const __m256 qc = _mm256_loadu_ps(q + 8 * c);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[j] + 8 * c), a[j]);
+  }
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 w = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u, w, 0x20), _mm256_permute2f128_ps(u, w, 0x31));
+}
+
+template <int DC>
+void attend_vec(const float* const* qs, float* const* os, float* const* ls, int64_t nq, const int64_t* row,
+                int64_t len, const Cache& c, float sc, std::vector<float>& scores, std::vector<float>& acc) {
+  constexpr int64_t d = DC * 8;
+  const int64_t bs = c.bs;
+  scores.resize(nq * len);
+  acc.assign(nq * d, 0.f);
+  std::vector<float> sums(nq);
+  const float* kp[8];
+  for (int64_t t0 = 0; t0 < len; t0 += TCH) {  // scores = q . k, a chunk of keys at a time
+    const int64_t t1 = std::min(len, t0 + TCH);
+    for (int64_t t = t0; t < t1; ++t) TORCH_CHECK(row[t / bs] >= 0 && row[t / bs] < c.nb, "paged attention: block id out of range");
+    for (int64_t r = 0; r < nq; ++r) {
+      float* sr = scores.data() + r * len;
+      int64_t t = t0;
+      for (; t + 8 <= t1; t += 8) {
+        for (int j = 0; j < 8; ++j) kp[j] = c.k + (row[(t + j) / bs] * bs + (t + j) % bs) * d;
+        _mm256_storeu_ps(sr + t, _mm256_mul_ps(dot8<DC>(qs[r], kp), _mm256_set1_ps(sc)));
+      }
+      for (; t < t1; ++t) {
+        const float* kv = c.k + (row[t / bs] * bs + t % bs) * d;
+        __m256 a = _mm256_setzero_ps();
+        for (int x = 0; x < DC; ++x) a = _mm256_fmadd_ps(_mm256_loadu_ps(qs[r] + 8 * x), _mm256_loadu_ps(kv + 8 * x), a);
+        sr[t] = hsum(a) * sc;
+      }
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {  // softmax per query vector, normalised at the end
+    float* sr = scores.data() + r * len;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) m = sr[t] > m ? sr[t] : m;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sv = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= len; t += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + t), mv));
+      _mm256_storeu_ps(sr + t, e);
+      sv = _mm256_add_ps(sv, e);
+    }
+    float sum = hsum(sv);
+    for (; t < len; ++t) {
+      sr[t] = std::exp(sr[t] - m);
+      sum += sr[t];
+    }
+    *ls[r] = m + std::log(sum);
+    sums[r] = sum;
+  }
+  for (int64_t t0 = 0; t0 < len; t0 += TCH) {  // out = p . v, accumulated per chunk of keys
+    const int64_t t1 = std::min(len, t0 + TCH);
+    for (int64_t r = 0; r < nq; ++r) {
+      const float* pr = scores.data() + r * len;
+      float* ar = acc.data() + r * d;
+      __m256 a[DC];
+      for (int x = 0; x < DC; ++x) a[x] = _mm256_loadu_ps(ar + 8 * x);
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* vv = c.v + (row[t / bs] * bs + t % bs) * d;
+        const __m256 p = _mm256_set1_ps(pr[t]);
+        for (int x = 0; x < DC; ++x) a[x] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + 8 * x), a[x]);
+      }
+      for (int x = 0; x < DC; ++x) _mm256_storeu_ps(ar + 8 * x, a[x]);
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    const float inv = 1.f / sums[r];
+    for (int64_t x = 0; x < d; ++x) os[r][x] = acc[r * d + x] * inv;
+  }
+}
+#endif
+
+// The portable loops (any head size, no AVX2), and the reference the vector path matches.
+void attend_scalar(const float* const* qs, float* const* os, float* const* ls, int64_t nq, const int64_t* row,
+            int64_t len, const Cache& c, float sc, std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t d = c.d, bs = c.bs;
+  scores.resize(nq * len);
+  acc.assign(nq * d, 0.f);
+  for (int64_t t = 0; t < len; ++t) {  // scores = q . k
+    const int64_t blk = row[t / bs];
+    TORCH_CHECK(blk >= 0 && blk < c.nb, "paged attention: block id out of range");
+    const float* kv = c.k + (blk * bs + t % bs) * d;
+    for (int64_t r = 0; r < nq; ++r) {
+      const float* qr = qs[r];
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t x = 0; x < d; ++x) s += qr[x] * kv[x];
+      scores[r * len + t] = s * sc;
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {  // softmax per query vector
+    float* sr = scores.data() + r * len;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) m = sr[t] > m ? sr[t] : m;
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      sr[t] = std::exp(sr[t] - m);
+      sum += sr[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < len; ++t) sr[t] *= inv;
+    *ls[r] = m + std::log(sum);
+  }
+  for (int64_t t = 0; t < len; ++t) {  // out = p . v
+    const float* vv = c.v + (row[t / bs] * bs + t % bs) * d;
+    for (int64_t r = 0; r < nq; ++r) {
+      const float p = scores[r * len + t];
+      float* ar = acc.data() + r * d;
+#pragma omp simd
+      for (int64_t x = 0; x < d; ++x) ar[x] += p * vv[x];
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) std::copy(acc.begin() + r * d, acc.begin() + (r + 1) * d, os[r]);
+}
+
+// nq query vectors (qs[r], d floats each) over the first `len` keys read through `row`;
+// writes os[r] (d floats) and *ls[r] (the log-sum-exp of the scaled scores).
+void attend(const float* const* qs, float* const* os, float* const* ls, int64_t nq, const int64_t* row,
+            int64_t len, const Cache& c, float sc, std::vector<float>& scores, std::vector<float>& acc) {
+#if defined(__AVX2__) && defined(__FMA__)
+  switch (c.d) {
+    case 16: return attend_vec<2>(qs, os, ls, nq, row, len, c, sc, scores, acc);
+    case 32: return attend_vec<4>(qs, os, ls, nq, row, len, c, sc, scores, acc);
+    case 64: return attend_vec<8>(qs, os, ls, nq, row, len, c, sc, scores, acc);
+    case 128: return attend_vec<16>(qs, os, ls, nq, row, len, c, sc, scores, acc);
+    default: break;
+  }
+#endif
+  attend_scalar(qs, os, ls, nq, row, len, c, sc, scores, acc);
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "paged attention: bad ranks");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(q.size(1) % k_cache.size(0) == 0 && k_cache.size(3) == q.size(2),
+              "paged attention: head shapes disagree");
+}
+
+Cache head_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t g) {
+  const int64_t nb = k_cache.size(1), bs = k_cache.size(2), d = k_cache.size(3);
+  return {k_cache.data_ptr<float>() + g * nb * bs * d, v_cache.data_ptr<float>() + g * nb * bs * d, nb, bs, d};
+}
+
+}  // namespace
 
 std::vector<at::Tensor> paged_decode(
     const at::Tensor& q,        // [N, H, D] float32
@@ -19,75 +220,74 @@ std::vector<at::Tensor> paged_decode(
     const at::Tensor& tables,   // [N, MAXB] int64: each item's blocks, from its first key on
     const at::Tensor& nkeys,    // [N] int64: keys attended (the first nkeys slots of its blocks)
     double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "paged_decode: bad ranks");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "float32 only");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  check_inputs(q, k_cache, v_cache);
   auto qc = q.contiguous();
   auto tc = tables.contiguous();
   auto nc = nkeys.contiguous();
   const int64_t n = qc.size(0), h = qc.size(1), d = qc.size(2);
-  const int64_t kvh = k_cache.size(0), nb = k_cache.size(1), bs = k_cache.size(2);
-  const int64_t maxb = tc.size(1);
-  TORCH_CHECK(h % kvh == 0 && k_cache.size(3) == d, "paged_decode: head shapes disagree");
-  const int64_t rep = h / kvh;
+  const int64_t kvh = k_cache.size(0), bs = k_cache.size(2), maxb = tc.size(1), rep = h / kvh;
   auto out = at::empty({n, h, d}, qc.options());
   auto lse = at::empty({n, h}, qc.options());
   const float* qp = qc.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
   const int64_t* tp = tc.data_ptr<int64_t>();
   const int64_t* np_ = nc.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-
   at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> acc(rep * d);
+    std::vector<float> scores, acc;
+    std::vector<const float*> qs(rep);
+    std::vector<float*> os(rep), ls(rep);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w / kvh, g = w % kvh;
-      const int64_t len = np_[i];
+      const int64_t i = w / kvh, g = w % kvh, len = np_[i];
       TORCH_CHECK(len >= 1 && len <= maxb * bs, "paged_decode: key count out of range");
-      scores.resize(rep * len);
-      const float* qi = qp + (i * h + g * rep) * d;
-      const int64_t* row = tp + i * maxb;
-      for (int64_t t = 0; t < len; ++t) {  // scores = q . k
-        const int64_t blk = row[t / bs];
-        TORCH_CHECK(blk >= 0 && blk < nb, "paged_decode: block id out of range");
-        const float* kv = kp + ((g * nb + blk) * bs + t % bs) * d;
+      for (int64_t r = 0; r < rep; ++r) {
+        const int64_t head = i * h + g * rep + r;
+        qs[r] = qp + head * d;
+        os[r] = op + head * d;
+        ls[r] = lp + head;
+      }
+      attend(qs.data(), os.data(), ls.data(), rep, tp + i * maxb, len, head_cache(k_cache, v_cache, g),
+             static_cast<float>(scale), scores, acc);
+    }
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> paged_prefix(
+    const at::Tensor& q,        // [M, H, D] float32: every query token of the group
+    const at::Tensor& k_cache,  // [KVH, NB, BS, D] float32
+    const at::Tensor& v_cache,
+    const at::Tensor& blocks,   // [NB'] int64: the shared prefix's blocks
+    int64_t nkeys,              // keys in the prefix (the first nkeys slots of its blocks)
+    double scale) {
+  check_inputs(q, k_cache, v_cache);
+  auto qc = q.contiguous();
+  auto bc = blocks.contiguous();
+  const int64_t m = qc.size(0), h = qc.size(1), d = qc.size(2);
+  const int64_t kvh = k_cache.size(0), bs = k_cache.size(2), rep = h / kvh;
+  TORCH_CHECK(bc.dim() == 1 && nkeys >= 1 && nkeys <= bc.size(0) * bs, "paged_prefix: key count out of range");
+  auto out = at::empty({m, h, d}, qc.options());
+  auto lse = at::empty({m, h}, qc.options());
+  const float* qp = qc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t chunks = (m + PREFIX_CHUNK - 1) / PREFIX_CHUNK;
+  at::parallel_for(0, chunks * kvh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc;
+    std::vector<const float*> qs;
+    std::vector<float*> os, ls;
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t c = w / kvh, g = w % kvh;
+      qs.clear(), os.clear(), ls.clear();
+      for (int64_t j = c * PREFIX_CHUNK; j < std::min(m, (c + 1) * PREFIX_CHUNK); ++j)
         for (int64_t r = 0; r < rep; ++r) {
-          const float* qr = qi + r * d;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t x = 0; x < d; ++x) s += qr[x] * kv[x];
-          scores[r * len + t] = s * sc;
+          const int64_t head = j * h + g * rep + r;
+          qs.push_back(qp + head * d);
+          os.push_back(op + head * d);
+          ls.push_back(lp + head);
         }
-      }
-      for (int64_t r = 0; r < rep; ++r) {  // softmax per query head
-        float* sr = scores.data() + r * len;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) m = sr[t] > m ? sr[t] : m;
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          sr[t] = std::exp(sr[t] - m);
-          sum += sr[t];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; ++t) sr[t] *= inv;
-        lp[i * h + g * rep + r] = m + std::log(sum);
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {  // out = p . v
-        const int64_t blk = row[t / bs];
-        const float* vv = vp + ((g * nb + blk) * bs + t % bs) * d;
-        for (int64_t r = 0; r < rep; ++r) {
-          const float p = scores[r * len + t];
-          float* ar = acc.data() + r * d;
-#pragma omp simd
-          for (int64_t x = 0; x < d; ++x) ar[x] += p * vv[x];
-        }
-      }
-      std::copy(acc.begin(), acc.end(), op + (i * h + g * rep) * d);
+      attend(qs.data(), os.data(), ls.data(), static_cast<int64_t>(qs.size()), bc.data_ptr<int64_t>(), nkeys,
+             head_cache(k_cache, v_cache, g), static_cast<float>(scale), scores, acc);
     }
   });
   return {out, lse};
