@@ -71,6 +71,7 @@ class EngineConfig:
     native_kernels: bool = True  # C++ CPU decode attention built on first use (native.py); False: torch ops
     quantization: str | None = None  # None/"none": plain weights; "int8": apar_worker.quantization
     linear_kernel: str = "auto"  # auto / plain / onednn / native: float32 linears packed (packed_linear.py)
+    lean_forward: bool = True  # Llama-style models with the native kernels: lean_forward.py; False: HF's
     # Speculative decoding for every request (None: only for requests that ask for it), as
     # SpeculativeConfig or its dict / JSON form (apar_worker/speculative.py).
     speculative: SpeculativeConfig | dict | str | None = None
@@ -107,7 +108,7 @@ class Engine:
         param = next(model.parameters())
         self.kv, kv_cache = self._make_kv(config, shape, param)
         native = decode_kernel_for(kv_cache.data, config.native_kernels)
-        self.runner = ModelRunner(model, kv_cache, config.cascade_attention, native)
+        self.runner = ModelRunner(model, kv_cache, config.cascade_attention, native, config.lean_forward)
         self.scheduler = Scheduler(
             self.kv,
             SchedulerConfig(

@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from apar_worker.attention import ATTN_IMPLEMENTATION, FORWARD_CONTEXT, AttentionMetadata, SeqSlice
 from apar_worker.kv_cache import KVCache
+from apar_worker.lean_forward import LeanForward, lean_error
 from apar_worker.model_registry import resolve_model
 from apar_worker.types import ModelLoadError
 
@@ -90,7 +91,12 @@ class StepBatch:
 
 class ModelRunner:
     def __init__(
-        self, model: PreTrainedModel, kv_cache: KVCache, cascade_attention: bool = False, native=None
+        self,
+        model: PreTrainedModel,
+        kv_cache: KVCache,
+        cascade_attention: bool = False,
+        native=None,
+        lean: bool = False,
     ) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model.eval()
@@ -100,6 +106,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.keep_hidden = False  # keep the sampled rows' last hidden states (draft heads read them)
         self.last_hidden: torch.Tensor | None = None  # [rows, H] of the last step, when kept
+        # the lean forward where asked for and it applies (lean_forward.py), else HF's own
+        self.lean = LeanForward(model, native) if lean and lean_error(model, native) is None else None
 
     @staticmethod
     def prepare(sched: SchedulerOutput) -> StepBatch:
@@ -133,12 +141,19 @@ class ModelRunner:
         FORWARD_CONTEXT.meta = meta
         FORWARD_CONTEXT.native = self.native
         try:
-            if not self.keep_hidden:
+            if self.lean is None and not self.keep_hidden:
                 out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep)
                 return out.logits[0].float()
-            # the causal LM's own forward, split where the output embedding reads the hidden states
-            hidden = self.model.base_model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-            self.last_hidden = hidden[0, keep]
-            return self.model.get_output_embeddings()(self.last_hidden).float()
+            # the causal LM's forward, split where the output embedding reads the hidden states
+            rows = self._hidden(ids, pos)[keep]
+            if self.keep_hidden:
+                self.last_hidden = rows
+            return self.model.get_output_embeddings()(rows).float()
         finally:
             FORWARD_CONTEXT.meta = None
+
+    def _hidden(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states [T, H] of the step's tokens."""
+        if self.lean is not None:
+            return self.lean.hidden(ids[0], pos[0])
+        return self.model.base_model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]

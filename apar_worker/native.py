@@ -23,7 +23,9 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("bindings.cpp", "paged_decode.cpp", "skinny_linear.cpp")]
+SOURCES = [
+    CSRC / name for name in ("bindings.cpp", "paged_decode.cpp", "skinny_linear.cpp", "decoder_ops.cpp")
+]
 
 
 def _cpu_flags() -> list[str]:

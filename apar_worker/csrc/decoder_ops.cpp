@@ -1,0 +1,101 @@
+// The small per-layer ops of a Llama-style decoder, fused, for CPU (apar_worker/lean_forward.py).
+//
+// With 1-64 rows a step spends more time in the dozens of tiny torch ops around each layer's
+// matrix products (RMSNorm is eight of them, rotary ten) than in their arithmetic: each call
+// costs microseconds of dispatch. These do the same float32 arithmetic in one call each.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "vec_math.h"
+
+namespace {
+
+void check_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), what, ": float32, contiguous");
+}
+
+}  // namespace
+
+// residual += delta (when given), then RMSNorm(residual) * weight, as HF's LlamaRMSNorm.
+at::Tensor add_rms_norm_(at::Tensor& residual, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
+                         double eps) {
+  check_rows(residual, "add_rms_norm_");
+  check_rows(weight, "add_rms_norm_ weight");
+  const int64_t h = residual.size(-1), t = residual.numel() / h;
+  TORCH_CHECK(weight.numel() == h, "add_rms_norm_: weight size != hidden size");
+  float* rp = residual.data_ptr<float>();
+  const float* dp = nullptr;
+  if (delta.has_value() && delta->defined()) {
+    check_rows(*delta, "add_rms_norm_ delta");
+    TORCH_CHECK(delta->numel() == residual.numel(), "add_rms_norm_: delta shape != residual shape");
+    dp = delta->data_ptr<float>();
+  }
+  auto out = at::empty_like(residual);
+  float* op = out.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  at::parallel_for(0, t, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float* r = rp + i * h;
+      if (dp)
+        for (int64_t x = 0; x < h; ++x) r[x] += dp[i * h + x];
+      float ss = 0.f;
+      for (int64_t x = 0; x < h; ++x) ss += r[x] * r[x];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+      for (int64_t x = 0; x < h; ++x) op[i * h + x] = wp[x] * (r[x] * inv);
+    }
+  });
+  return out;
+}
+
+// Rotary embedding in place, HF's half-split layout: x [T, heads, D], cos/sin [T, D].
+void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_rows(x, "rope_");
+  check_rows(cos, "rope_ cos");
+  check_rows(sin, "rope_ sin");
+  TORCH_CHECK(x.dim() == 3 && x.size(2) % 2 == 0, "rope_: x must be [T, heads, D] with even D");
+  const int64_t t = x.size(0), nh = x.size(1), d = x.size(2), half = d / 2;
+  TORCH_CHECK(cos.numel() == t * d && sin.numel() == t * d, "rope_: cos/sin must be [T, D]");
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (int64_t i = 0; i < t; ++i) {
+    const float* c = cp + i * d;
+    const float* s = sp + i * d;
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      float* v = xp + (i * nh + hh) * d;
+      for (int64_t j = 0; j < half; ++j) {
+        const float a = v[j], b = v[j + half];
+        v[j] = a * c[j] - b * s[j];
+        v[j + half] = b * c[j + half] + a * s[j + half];
+      }
+    }
+  }
+}
+
+// silu(gate) * up, elementwise: gate and up [T, I].
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  check_rows(gate, "silu_mul gate");
+  check_rows(up, "silu_mul up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "silu_mul: gate and up shapes differ");
+  auto out = at::empty_like(gate);
+  const float* g = gate.data_ptr<float>();
+  const float* u = up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), 4096, [&](int64_t b, int64_t e) {
+    int64_t i = b;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+    for (; i + 8 <= e; i += 8) {  // sigmoid from e^-|g| (never overflows)
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 ex = exp8(_mm256_or_ps(gv, sign));
+      const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, ex));
+      const __m256 sig = _mm256_blendv_ps(pos, _mm256_mul_ps(ex, pos), gv);  // g < 0: e^g / (1 + e^g)
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < e; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  });
+  return out;
+}
