@@ -53,19 +53,24 @@ void attend_vec(const float* const* qs, float* const* os, float* const* ls, int6
   scores.resize(nq * len);
   acc.assign(nq * d, 0.f);
   std::vector<float> sums(nq);
+  std::vector<int64_t> off(len);  // each key's offset in the head's cache: one division per key
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t blk = row[t / bs];
+    TORCH_CHECK(blk >= 0 && blk < c.nb, "paged attention: block id out of range");
+    off[t] = (blk * bs + t % bs) * d;
+  }
   const float* kp[8];
   for (int64_t t0 = 0; t0 < len; t0 += TCH) {  // scores = q . k, a chunk of keys at a time
     const int64_t t1 = std::min(len, t0 + TCH);
-    for (int64_t t = t0; t < t1; ++t) TORCH_CHECK(row[t / bs] >= 0 && row[t / bs] < c.nb, "paged attention: block id out of range");
     for (int64_t r = 0; r < nq; ++r) {
       float* sr = scores.data() + r * len;
       int64_t t = t0;
       for (; t + 8 <= t1; t += 8) {
-        for (int j = 0; j < 8; ++j) kp[j] = c.k + (row[(t + j) / bs] * bs + (t + j) % bs) * d;
+        for (int j = 0; j < 8; ++j) kp[j] = c.k + off[t + j];
         _mm256_storeu_ps(sr + t, _mm256_mul_ps(dot8<DC>(qs[r], kp), _mm256_set1_ps(sc)));
       }
       for (; t < t1; ++t) {
-        const float* kv = c.k + (row[t / bs] * bs + t % bs) * d;
+        const float* kv = c.k + off[t];
         __m256 a = _mm256_setzero_ps();
         for (int x = 0; x < DC; ++x) a = _mm256_fmadd_ps(_mm256_loadu_ps(qs[r] + 8 * x), _mm256_loadu_ps(kv + 8 * x), a);
         sr[t] = hsum(a) * sc;
@@ -100,7 +105,7 @@ void attend_vec(const float* const* qs, float* const* os, float* const* ls, int6
       __m256 a[DC];
       for (int x = 0; x < DC; ++x) a[x] = _mm256_loadu_ps(ar + 8 * x);
       for (int64_t t = t0; t < t1; ++t) {
-        const float* vv = c.v + (row[t / bs] * bs + t % bs) * d;
+        const float* vv = c.v + off[t];
         const __m256 p = _mm256_set1_ps(pr[t]);
         for (int x = 0; x < DC; ++x) a[x] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + 8 * x), a[x]);
       }
