@@ -60,6 +60,7 @@ class GroupMeta:
     blocks: torch.Tensor
     start: int | None
     num_blocks: int
+    row_idx: torch.Tensor  # row_sel as an index tensor (the native merge's rows)
 
 
 def group_meta(
@@ -75,7 +76,10 @@ def group_meta(
         toks = [t for i in g.rows for t in range(*spans[i])]
         rows = [first[i] + j for i in g.rows for j in range(spans[i][1] - spans[i][0])]
         blocks = torch.tensor(g.blocks, dtype=torch.long, device=device)
-        out.append(GroupMeta(as_sel(toks, device), as_sel(rows, device), blocks, g.start, g.num_blocks))
+        row_idx = torch.tensor(rows, dtype=torch.long, device=device)
+        out.append(
+            GroupMeta(as_sel(toks, device), as_sel(rows, device), blocks, g.start, g.num_blocks, row_idx)
+        )
     return out
 
 
@@ -199,7 +203,7 @@ def merge_groups(
         if kernel is not None:
             qg = q[:, g.q_sel].transpose(0, 1)  # [M, H, D]
             o, lse = kernel.paged_prefix(qg, k_cache, v_cache, g.blocks, g.num_blocks * bs, scale)
-            rows_o[g.row_sel] = merge(o, lse, rows_o[g.row_sel], rows_l[g.row_sel])
+            kernel.merge_attention_(rows_o, rows_l, g.row_idx, o, lse)
             continue
         if g.start is not None:  # consecutive blocks: a view of the cache, nothing copied
             kp = k_cache[:, g.start : g.start + g.num_blocks].reshape(kvh, -1, d)

@@ -12,7 +12,7 @@ from test_engine import assert_pool_empty, forcing_hook
 
 from apar_worker import native
 from apar_worker.attention import FORWARD_CONTEXT, AttentionMetadata, SeqSlice, paged_attention
-from apar_worker.cascade import attend_math
+from apar_worker.cascade import attend_math, merge
 from apar_worker.engine import Engine, EngineConfig
 from apar_worker.packed_linear import pack_model
 from apar_worker.types import GenerateRequest, ModelLoadError, SamplingParams
@@ -60,6 +60,23 @@ def test_the_prefix_kernel_equals_softmax_attention_over_the_shared_blocks(token
         KERNEL.paged_prefix(q, kc, vc, torch.tensor(blocks), 17, d**-0.5)
     with pytest.raises(RuntimeError, match="block id"):
         KERNEL.paged_prefix(q, kc, vc, torch.tensor([4, 99]), 5, d**-0.5)
+
+
+@needs_kernel
+def test_the_native_merge_equals_the_torch_merge_in_place():
+    torch.manual_seed(3)
+    out, lse = torch.randn(6, 4, 8), torch.randn(6, 4)
+    o, lo = torch.randn(3, 4, 8), torch.randn(3, 4)
+    rows = torch.tensor([4, 0, 2])
+    expected = out.clone()
+    expected[rows] = merge(o, lo, out[rows], lse[rows])
+    expected_lse = lse.clone()
+    expected_lse[rows] = torch.logaddexp(lse[rows], lo)
+    KERNEL.merge_attention_(out, lse, rows, o, lo)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="row out of range"):
+        KERNEL.merge_attention_(out, lse, torch.tensor([0, 1, 6]), o, lo)
 
 
 @needs_kernel

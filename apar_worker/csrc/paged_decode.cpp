@@ -79,11 +79,16 @@ void attend_vec(const float* const* qs, float* const* os, float* const* ls, int6
   }
   for (int64_t r = 0; r < nq; ++r) {  // softmax per query vector, normalised at the end
     float* sr = scores.data() + r * len;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < len; ++t) m = sr[t] > m ? sr[t] : m;
+    __m256 m8 = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t t = 0;
+    for (; t + 8 <= len; t += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sr + t));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m8);
+    float m = *std::max_element(lanes, lanes + 8);
+    for (; t < len; ++t) m = sr[t] > m ? sr[t] : m;
     const __m256 mv = _mm256_set1_ps(m);
     __m256 sv = _mm256_setzero_ps();
-    int64_t t = 0;
+    t = 0;
     for (; t + 8 <= len; t += 8) {
       const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + t), mv));
       _mm256_storeu_ps(sr + t, e);
@@ -271,4 +276,32 @@ std::vector<at::Tensor> paged_prefix(
     }
   });
   return {out, lse};
+}
+
+// Merges attention over a second, disjoint key set into rows of the first, in place:
+// out[rows[i]], lse[rows[i]] <- the softmax over both key sets, from o[i], l[i] (cascade).
+void merge_attention_(at::Tensor& out, at::Tensor& lse, const at::Tensor& rows, const at::Tensor& o,
+                      const at::Tensor& l) {
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && out.scalar_type() == at::kFloat, "merge: bad out");
+  auto oc = o.contiguous();
+  auto lc = l.contiguous();
+  auto rc = rows.contiguous();
+  const int64_t m = oc.size(0), h = oc.size(1), d = oc.size(2), r = out.size(0);
+  TORCH_CHECK(out.size(1) == h && out.size(2) == d && rc.numel() == m && lc.numel() == m * h, "merge: shapes");
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const float* src = oc.data_ptr<float>();
+  const float* sl = lc.data_ptr<float>();
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < r, "merge: row out of range");
+    for (int64_t j = 0; j < h; ++j) {
+      float* dst = op + (rp[i] * h + j) * d;
+      const float* add = src + (i * h + j) * d;
+      const float l1 = lp[rp[i] * h + j], l2 = sl[i * h + j], mx = std::max(l1, l2);
+      const float w1 = std::exp(l1 - mx), w2 = std::exp(l2 - mx), inv = 1.f / (w1 + w2);
+      for (int64_t x = 0; x < d; ++x) dst[x] = (dst[x] * w1 + add[x] * w2) * inv;
+      lp[rp[i] * h + j] = mx + std::log(w1 + w2);
+    }
+  }
 }
