@@ -5,6 +5,8 @@ products: RMSNorm alone is eight ops, rotary ten. At 1-64 rows each op costs mic
 dispatch, which on SmolLM2 was about a third of a step. This runs the same arithmetic with
 one native call for each add + RMSNorm, rotary and SiLU-and-multiply (csrc/decoder_ops.cpp),
 the model's own linear layers (packed or not, int8 or not) and the engine's paged attention.
+Where the linears hold native panels, q/k/v and gate/up each run as one product over their
+panels laid end to end (the layers' own panels become views of it: no second copy).
 
 It reads the HF modules at call time (no copied weights), so what the model holds is what
 runs. Equal to HF's forward to float rounding (tests/test_lean_forward.py); the engine's
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from apar_worker.attention import paged_attention
+from apar_worker.packed_linear import NativeLinear
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -40,11 +43,43 @@ def lean_error(model: nn.Module, kernel) -> str | None:
     return None
 
 
+class Fused:
+    """Linear layers of one input run as one native product: their panels end to end."""
+
+    def __init__(self, layers: list[NativeLinear]) -> None:
+        self.panels = torch.cat([m.panels for m in layers])
+        self.n = sum(m.out_features for m in layers)
+        biases = [m.bias for m in layers]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.kernel = layers[0].kernel
+        start = 0
+        for m in layers:  # each layer reads its part of the fused panels from now on
+            m.panels = self.panels[start : start + m.panels.shape[0]]
+            start += m.panels.shape[0]
+
+    @staticmethod
+    def of(layers: list[nn.Module]) -> Fused | None:
+        """Fused layers where all are native, panel-aligned and alike in bias; else None."""
+        if not all(isinstance(m, NativeLinear) and m.out_features % 16 == 0 for m in layers):
+            return None
+        if len({m.bias is None for m in layers}) != 1:
+            return None
+        return Fused(layers)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.skinny_linear(x, self.panels, self.n, self.bias)
+
+
 class LeanForward:
     def __init__(self, model: nn.Module, kernel) -> None:
         self.model = model
         self.body = model.model
         self.kernel = kernel
+        self.fused: dict[int, Fused | None] = {}  # by id of the attention or MLP module
+        for layer in self.body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.fused[id(attn)] = Fused.of([attn.q_proj, attn.k_proj, attn.v_proj])
+            self.fused[id(mlp)] = Fused.of([mlp.gate_proj, mlp.up_proj])
 
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states [T, H] of flat token ids [T] at positions [T]."""
@@ -59,17 +94,24 @@ class LeanForward:
             attn = self._attention(layer.self_attn, h, cos, sin)
             norm = layer.post_attention_layernorm
             h = k.add_rms_norm_(x, attn, norm.weight, norm.variance_epsilon)
-            mlp = layer.mlp
-            delta = mlp.down_proj(k.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            delta = self._mlp(layer.mlp, h)
         return k.add_rms_norm_(x, delta, body.norm.weight, body.norm.variance_epsilon)
 
     def _attention(
         self, attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         t, d = h.shape[0], attn.head_dim
-        q = attn.q_proj(h).view(t, -1, d)
-        key = attn.k_proj(h).view(t, -1, d)
-        value = attn.v_proj(h).view(t, -1, d)
+        fused = self.fused.get(id(attn))
+        if fused is not None:  # one product; q, k and v are column views of it
+            qkv = fused(h)
+            nq, nkv = attn.q_proj.out_features, attn.k_proj.out_features
+            q = qkv[:, :nq].view(t, -1, d)
+            key = qkv[:, nq : nq + nkv].view(t, -1, d)
+            value = qkv[:, nq + nkv :].view(t, -1, d)
+        else:
+            q = attn.q_proj(h).view(t, -1, d)
+            key = attn.k_proj(h).view(t, -1, d)
+            value = attn.v_proj(h).view(t, -1, d)
         self.kernel.rope_(q, cos, sin)
         self.kernel.rope_(key, cos, sin)
         # the HF attention interface's layout: [1, heads, T, D] (views, nothing copied)
@@ -82,3 +124,11 @@ class LeanForward:
             attn.scaling,
         )
         return attn.o_proj(out.reshape(t, -1))
+
+    def _mlp(self, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        fused = self.fused.get(id(mlp))
+        if fused is None:
+            return mlp.down_proj(self.kernel.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        gate_up = fused(h)
+        inter = mlp.gate_proj.out_features
+        return mlp.down_proj(self.kernel.silu_mul(gate_up[:, :inter], gate_up[:, inter:]))

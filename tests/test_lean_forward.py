@@ -51,25 +51,37 @@ def test_rope_in_place_equals_hf_rotary():
 
 
 def test_silu_mul_equals_torch_over_the_whole_range():
-    g = torch.linspace(-120, 120, 4099)  # not a multiple of 8: the scalar tail runs too
-    u = torch.linspace(-3, 3, 4099)
+    g = torch.linspace(-120, 120, 3 * 4099).view(3, 4099)  # rows not a multiple of 8: the tail runs too
+    u = torch.linspace(-3, 3, 3 * 4099).view(3, 4099)
     torch.testing.assert_close(KERNEL.silu_mul(g, u), F.silu(g) * u, atol=1e-6, rtol=1e-5)
+    fused = torch.cat([g, u], dim=1)  # the halves of a fused gate-up product: strided rows
+    torch.testing.assert_close(KERNEL.silu_mul(fused[:, :4099], fused[:, 4099:]), F.silu(g) * u)
     with pytest.raises(RuntimeError, match="shapes differ"):
-        KERNEL.silu_mul(g, u[:-1])
+        KERNEL.silu_mul(g, u[:, :-1])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_engine_with_the_lean_forward_decodes_what_hf_forward_decodes(family):
-    """Forced forks, two requests sharing a prompt, ngram drafts, kept hidden states."""
-    model = make_model(family, seed=3)
+@pytest.mark.parametrize("family,kernel", [("llama", "plain"), ("qwen2", "plain"), ("llama", "native")])
+def test_engine_with_the_lean_forward_decodes_what_hf_forward_decodes(family, kernel):
+    """Forced forks, two requests sharing a prompt, ngram drafts, kept hidden states; with
+    native linears, q/k/v and gate/up fused (qwen2 has q/k/v biases)."""
     force = {(0, 2), (0, 6), (1, 4)}
     prompt = [5 + i % 9 for i in range(45)]
 
     def run(lean: bool):
         record: list = []
-        cfg = EngineConfig(block_size=4, num_blocks=400, lean_forward=lean, speculative={"method": "ngram"})
+        cfg = EngineConfig(
+            block_size=4,
+            num_blocks=400,
+            lean_forward=lean,
+            linear_kernel=kernel,
+            speculative={"method": "ngram"},
+        )
+        model = make_model(family, seed=3)  # packing replaces its linears: a fresh copy each run
         engine = Engine.from_model(model, make_tokenizer(), cfg, logits_hook=forcing_hook(force, record))
         assert (engine.runner.lean is not None) == lean
+        if lean:
+            fused = [f is not None for f in engine.runner.lean.fused.values()]
+            assert fused and all(fused) == (kernel == "native") and any(fused) == (kernel == "native")
         engine.runner.keep_hidden = True  # what draft heads ask for: the hidden-state split path
         sampling = SamplingParams(max_tokens=40, ignore_eos=True)
         reqs = [

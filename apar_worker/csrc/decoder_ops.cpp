@@ -49,13 +49,14 @@ at::Tensor add_rms_norm_(at::Tensor& residual, const c10::optional<at::Tensor>& 
   return out;
 }
 
-// Rotary embedding in place, HF's half-split layout: x [T, heads, D], cos/sin [T, D].
+// Rotary embedding in place, HF's half-split layout: x [T, heads, D] (rows may be strided, as
+// the q or k columns of a fused projection), cos/sin [T, D].
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  check_rows(x, "rope_");
   check_rows(cos, "rope_ cos");
   check_rows(sin, "rope_ sin");
-  TORCH_CHECK(x.dim() == 3 && x.size(2) % 2 == 0, "rope_: x must be [T, heads, D] with even D");
-  const int64_t t = x.size(0), nh = x.size(1), d = x.size(2), half = d / 2;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(2) % 2 == 0, "rope_: x must be float32 [T, heads, D], D even");
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), "rope_: each row's heads must be contiguous");
+  const int64_t t = x.size(0), nh = x.size(1), d = x.size(2), half = d / 2, ld = x.stride(0);
   TORCH_CHECK(cos.numel() == t * d && sin.numel() == t * d, "rope_: cos/sin must be [T, D]");
   float* xp = x.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
@@ -64,7 +65,7 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
     const float* c = cp + i * d;
     const float* s = sp + i * d;
     for (int64_t hh = 0; hh < nh; ++hh) {
-      float* v = xp + (i * nh + hh) * d;
+      float* v = xp + i * ld + hh * d;
       for (int64_t j = 0; j < half; ++j) {
         const float a = v[j], b = v[j + half];
         v[j] = a * c[j] - b * s[j];
@@ -74,28 +75,35 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   }
 }
 
-// silu(gate) * up, elementwise: gate and up [T, I].
+// silu(gate) * up, elementwise: gate and up [T, I] (rows may be strided: the halves of a fused
+// gate-up projection) -> [T, I].
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
-  check_rows(gate, "silu_mul gate");
-  check_rows(up, "silu_mul up");
-  TORCH_CHECK(gate.sizes() == up.sizes(), "silu_mul: gate and up shapes differ");
-  auto out = at::empty_like(gate);
-  const float* g = gate.data_ptr<float>();
-  const float* u = up.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, gate.numel(), 4096, [&](int64_t b, int64_t e) {
-    int64_t i = b;
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat, "silu_mul: float32 only");
+  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes(), "silu_mul: gate and up shapes differ");
+  TORCH_CHECK(gate.stride(1) == 1 && up.stride(1) == 1, "silu_mul: rows must be contiguous");
+  const int64_t t = gate.size(0), n = gate.size(1), lg = gate.stride(0), lu = up.stride(0);
+  auto out = at::empty({t, n}, gate.options());
+  const float* gp = gate.data_ptr<float>();
+  const float* upp = up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, t, 1, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const float* g = gp + row * lg;
+      const float* u = upp + row * lu;
+      float* o = op + row * n;
+      int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
-    for (; i + 8 <= e; i += 8) {  // sigmoid from e^-|g| (never overflows)
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      const __m256 ex = exp8(_mm256_or_ps(gv, sign));
-      const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, ex));
-      const __m256 sig = _mm256_blendv_ps(pos, _mm256_mul_ps(ex, pos), gv);  // g < 0: e^g / (1 + e^g)
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
-    }
+      const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+      for (; i + 8 <= n; i += 8) {  // sigmoid from e^-|g| (never overflows)
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 ex = exp8(_mm256_or_ps(gv, sign));
+        const __m256 pos = _mm256_div_ps(one, _mm256_add_ps(one, ex));
+        const __m256 sig = _mm256_blendv_ps(pos, _mm256_mul_ps(ex, pos), gv);  // g < 0: e^g / (1 + e^g)
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+      }
 #endif
-    for (; i < e; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      for (; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
   });
   return out;
 }
