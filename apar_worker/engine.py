@@ -30,9 +30,9 @@ from apar_worker.model_runner import (
     parse_dtype,
     pick_device,
 )
-from apar_worker.native import decode_kernel_for
+from apar_worker.native import decode_kernel_for, native_module
 from apar_worker.output import request_output
-from apar_worker.packed_linear import pack_model
+from apar_worker.packed_linear import pack_model, parse_linear_kernel
 from apar_worker.quantization import quantize_model
 from apar_worker.resume import rebuild_tree
 from apar_worker.sampling import make_generator, stream_key
@@ -77,6 +77,14 @@ class EngineConfig:
     speculative: SpeculativeConfig | dict | str | None = None
 
 
+def _prepare_linears(model, config: EngineConfig, owned: bool) -> str:
+    """Quantize (a no-op unless int8; on the native panels where native linears may run), then
+    pack the float linears, in place; returns the kernel chosen (packed_linear.py)."""
+    native_linears = config.native_kernels and parse_linear_kernel(config.linear_kernel) != "plain"
+    quantize_model(model, config.quantization, kernel=native_module() if native_linears else None)
+    return pack_model(model, config.linear_kernel, owned=owned, native_ok=config.native_kernels)
+
+
 class Engine:
     def __init__(
         self,
@@ -95,12 +103,7 @@ class Engine:
             model, tokenizer = load_model_and_tokenizer(config.model, device, parse_dtype(config.dtype))
         if tokenizer is None:
             raise ValueError("a tokenizer is required with an in-memory model")
-        quantize_model(model, config.quantization)  # in place; a no-op unless "int8"
-        owned = model_dir is not None
-        # in place; the kernel it chose: plain, onednn or native (packed_linear.py)
-        self.linear_kernel = pack_model(
-            model, config.linear_kernel, owned=owned, native_ok=config.native_kernels
-        )
+        self.linear_kernel = _prepare_linears(model, config, owned=model_dir is not None)
         self.tokenizer = tokenizer
         shape = model_shape(model)
         self.vocab_size = shape.vocab_size

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from apar_worker.attention import paged_attention
+from apar_worker.attention import FORWARD_CONTEXT, paged_attention
 from apar_worker.packed_linear import NativeLinear
+from apar_worker.quantization import NativeInt8Linear
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -44,13 +45,16 @@ def lean_error(model: nn.Module, kernel) -> str | None:
 
 
 class Fused:
-    """Linear layers of one input run as one native product: their panels end to end."""
+    """Linear layers of one input run as one native product: their panels end to end (float32
+    or int8 panels, the latter with their scales)."""
 
-    def __init__(self, layers: list[NativeLinear]) -> None:
+    def __init__(self, layers: list[nn.Module]) -> None:
         self.panels = torch.cat([m.panels for m in layers])
         self.n = sum(m.out_features for m in layers)
         biases = [m.bias for m in layers]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        int8 = isinstance(layers[0], NativeInt8Linear)
+        self.scales = torch.cat([m.scales for m in layers]) if int8 else None
         self.kernel = layers[0].kernel
         start = 0
         for m in layers:  # each layer reads its part of the fused panels from now on
@@ -60,14 +64,26 @@ class Fused:
     @staticmethod
     def of(layers: list[nn.Module]) -> Fused | None:
         """Fused layers where all are native, panel-aligned and alike in bias; else None."""
-        if not all(isinstance(m, NativeLinear) and m.out_features % 16 == 0 for m in layers):
+        kinds = {type(m) for m in layers}
+        if len(kinds) != 1 or not kinds <= {NativeLinear, NativeInt8Linear}:
+            return None
+        if any(m.out_features % 16 for m in layers):
             return None
         if len({m.bias is None for m in layers}) != 1:
             return None
         return Fused(layers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel.skinny_linear(x, self.panels, self.n, self.bias)
+        return self.kernel.skinny_linear(x, self.panels, self.n, self.bias, self.scales)
+
+
+_NONE = torch.empty(0)  # an absent bias or scales, for the C++ layer
+
+
+def _parts(m: Fused | nn.Module) -> list[torch.Tensor]:
+    """panels, bias, scales of a fused or native linear, as decoder_layer reads them."""
+    bias, scales = m.bias, getattr(m, "scales", None)
+    return [m.panels, _NONE if bias is None else bias.detach(), _NONE if scales is None else scales]
 
 
 class LeanForward:
@@ -80,6 +96,47 @@ class LeanForward:
             attn, mlp = layer.self_attn, layer.mlp
             self.fused[id(attn)] = Fused.of([attn.q_proj, attn.k_proj, attn.v_proj])
             self.fused[id(mlp)] = Fused.of([mlp.gate_proj, mlp.up_proj])
+        # all-decode steps run each layer as one C++ call where every linear is native panels
+        self.layer_weights = self._layer_weights()
+        self.native_steps = 0  # steps that ran the C++ layers (tests, profiles)
+
+    def _layer_weights(self) -> list[list[torch.Tensor]] | None:
+        out = []
+        for layer in self.body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            fa, fm = self.fused[id(attn)], self.fused[id(mlp)]
+            native = (NativeLinear, NativeInt8Linear)
+            if (
+                fa is None
+                or fm is None
+                or not all(isinstance(m, native) for m in (attn.o_proj, mlp.down_proj))
+            ):
+                return None
+            norms = layer.input_layernorm, layer.post_attention_layernorm
+            weights = [norms[0].weight.detach(), *_parts(fa), *_parts(attn.o_proj), norms[1].weight.detach()]
+            out.append([*weights, *_parts(fm), *_parts(mlp.down_proj)])
+        cfg, attn = self.model.config, self.body.layers[0].self_attn
+        self.dims = [cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, cfg.intermediate_size]
+        self.eps, self.scale = self.body.layers[0].input_layernorm.variance_epsilon, attn.scaling
+        return out
+
+    def _plan(self, t: int) -> tuple | None:
+        """decoder_layer's attention arguments for this step, or None unless every query token
+        is a native item (no prefill rows, which take the Python path)."""
+        meta, cache = FORWARD_CONTEXT.meta, FORWARD_CONTEXT.kv_cache
+        if self.layer_weights is None or FORWARD_CONTEXT.native is None or cache is None:
+            return None
+        if meta is None or meta.nat_tables is None or meta.long:
+            return None
+        tok = meta.nat_tok
+        if isinstance(tok, slice):
+            tok = None if tok == slice(0, t) else torch.arange(tok.start, tok.stop)
+        groups, keys = [], []
+        for g in meta.dec_groups or ():
+            q_sel = g.q_sel if torch.is_tensor(g.q_sel) else torch.arange(g.q_sel.start, g.q_sel.stop)
+            groups += [q_sel, g.blocks, g.row_idx]
+            keys.append(g.num_blocks * cache.block_size)
+        return cache, (meta.slot_mapping, tok, meta.nat_tables, meta.nat_keys, groups, keys, self.scale)
 
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states [T, H] of flat token ids [T] at positions [T]."""
@@ -88,6 +145,16 @@ class LeanForward:
         cos, sin = body.rotary_emb(x[None], position_ids=pos[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [T, D], once per step
         delta = None
+        plan = self._plan(x.shape[0])
+        if plan is not None:
+            self.native_steps += 1
+            cache, args = plan
+            for i, layer in enumerate(body.layers):
+                kv = cache.layer(layer.self_attn.layer_idx)
+                delta = k.decoder_layer(
+                    x, delta, self.layer_weights[i], self.dims, self.eps, cos, sin, *kv, *args
+                )
+            return k.add_rms_norm_(x, delta, body.norm.weight, body.norm.variance_epsilon)
         for layer in body.layers:
             norm = layer.input_layernorm
             h = k.add_rms_norm_(x, delta, norm.weight, norm.variance_epsilon)

@@ -15,6 +15,13 @@ step costs about a 1-row one. (Converting int8 to bfloat16 in every step instead
 than it saves.) The two paths round differently, so a row's logits depend slightly on how many
 rows share its step (fp32 GEMMs' do too, less).
 
+On a CPU with the engine's native kernels (float32 model, `native_kernels` on, `linear_kernel`
+auto or native), layers are `NativeInt8Linear` instead: the int8 values as 16-column panels
+for csrc/skinny_linear.cpp, which widens them to float32 in registers and keeps the rows in
+float32 (no bfloat16 rounding). It reads each weight byte once per step at any row count, so a
+1-token step costs about the int8 bytes over the memory bandwidth, and a row's result does
+not depend on how many rows share its step.
+
 Where the kernel is missing or fails on the model's device, `quantize_model` logs a warning
 and leaves the model as it is (the plain path), so a config that asks for int8 still serves.
 """
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apar_worker.native import native_module
 from apar_worker.types import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,53 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+class NativeInt8Linear(nn.Module):
+    """Int8 weights as the native kernel's panels, per-channel scales and bias in float32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        qw, scales = quantize_weight(weight)
+        self.panels = kernel.pack_panels(qw.contiguous())  # [N/16, K, 16] int8
+        self.scales = scales.contiguous()
+        self.bias = bias.detach().clone() if bias is not None else None
+        self.packed_bytes = self.panels.numel() + self.scales.numel() * 4  # what a step reads
+
+    @property
+    def kernel(self):  # looked up, not held: a model holding it stays deep-copyable
+        return native_module()
+
+    @classmethod
+    def of(cls, linear: nn.Linear, kernel) -> NativeInt8Linear:
+        return cls(linear.weight, linear.bias, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = self.kernel.skinny_linear(x2, self.panels, self.out_features, self.bias, self.scales)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, native"
+
+
+def native_int8_error(param: torch.Tensor, kernel) -> str | None:
+    """None if `NativeInt8Linear` runs for this model and agrees with the dequantized product."""
+    if kernel is None:
+        return "the native kernels are not loaded"
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        return f"a float32 CPU path (model is {param.dtype} on {param.device.type})"
+    try:
+        w = torch.linspace(-1, 1, 40 * 24).reshape(40, 24)
+        x = torch.linspace(-1, 1, 7 * 24).reshape(7, 24)
+        layer = NativeInt8Linear(w, None, kernel)
+        qw, scales = quantize_weight(w)
+        err = (layer(x) - x @ (qw.float() * scales[:, None]).T).abs().max().item()
+    except (RuntimeError, TypeError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None if err < 1e-4 else f"native int8 result is off by {err:.2g}"
+
+
 def int8_kernel_error(device: torch.device) -> str | None:
     """None if `_weight_int8pack_mm` runs on `device` and agrees with a plain matmul (within
     int8's error); else why not. A probe, not a version check: builds differ per device."""
@@ -105,31 +160,36 @@ def int8_kernel_error(device: torch.device) -> str | None:
     return None if err < 0.02 else f"kernel result is off by {err:.1%}"
 
 
-def _eligible(module: nn.Module, skip: set[int]) -> bool:
-    return isinstance(module, nn.Linear) and id(module) not in skip and module.in_features % _K_MULTIPLE == 0
+def _eligible(module: nn.Module, skip: set[int], native: bool) -> bool:
+    if not isinstance(module, nn.Linear) or id(module) in skip:
+        return False
+    return native or module.in_features % _K_MULTIPLE == 0
 
 
-def quantize_model(model: nn.Module, quantization: str | None, *, lm_head: bool = True) -> int:
+def quantize_model(model: nn.Module, quantization: str | None, *, lm_head: bool = True, kernel=None) -> int:
     """Swap the model's `nn.Linear` layers for `Int8Linear` in place; returns how many.
 
     `lm_head=True` also quantizes the output projection. When it is tied to the input
     embeddings (SmolLM2), the layer gets its own int8 copy and the embedding table stays as is.
-    A layer whose input width the kernel cannot take is left in full precision.
+    A layer whose input width the kernel cannot take is left in full precision. `kernel` (the
+    native module) makes the layers `NativeInt8Linear` where it runs for this model.
     """
     if parse_quantization(quantization) is None:
         return 0
-    device = next(model.parameters()).device
-    problem = int8_kernel_error(device)
+    param = next(model.parameters())
+    device = param.device
+    native = kernel is not None and native_int8_error(param, kernel) is None
+    problem = None if native else int8_kernel_error(device)
     if problem is not None:
         log.warning("int8 weights unavailable on %s (%s); serving the unquantized model", device, problem)
         return 0
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = {id(head)} if head is not None and not lm_head else set()
-    targets = [(n, m) for n, m in model.named_modules() if _eligible(m, skip)]
+    targets = [(n, m) for n, m in model.named_modules() if _eligible(m, skip, native)]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Int8Linear.of(linear))
+        setattr(parent, attr, NativeInt8Linear.of(linear, kernel) if native else Int8Linear.of(linear))
     if not targets:
         log.warning("int8: the model has no nn.Linear layers the kernel can take; nothing quantized")
     return len(targets)

@@ -60,10 +60,19 @@ def test_silu_mul_equals_torch_over_the_whole_range():
         KERNEL.silu_mul(g, u[:, :-1])
 
 
-@pytest.mark.parametrize("family,kernel", [("llama", "plain"), ("qwen2", "plain"), ("llama", "native")])
-def test_engine_with_the_lean_forward_decodes_what_hf_forward_decodes(family, kernel):
+@pytest.mark.parametrize(
+    "family,kernel,quant",
+    [
+        ("llama", "plain", None),
+        ("qwen2", "plain", None),
+        ("llama", "native", None),
+        ("qwen2", "auto", "int8"),
+    ],
+)
+def test_engine_with_the_lean_forward_decodes_what_hf_forward_decodes(family, kernel, quant):
     """Forced forks, two requests sharing a prompt, ngram drafts, kept hidden states; with
-    native linears, q/k/v and gate/up fused (qwen2 has q/k/v biases)."""
+    native linears (float32 or int8 panels), q/k/v and gate/up fused (qwen2 has q/k/v biases)."""
+    fuses = kernel == "native" or quant == "int8"
     force = {(0, 2), (0, 6), (1, 4)}
     prompt = [5 + i % 9 for i in range(45)]
 
@@ -74,6 +83,7 @@ def test_engine_with_the_lean_forward_decodes_what_hf_forward_decodes(family, ke
             num_blocks=400,
             lean_forward=lean,
             linear_kernel=kernel,
+            quantization=quant,
             speculative={"method": "ngram"},
         )
         model = make_model(family, seed=3)  # packing replaces its linears: a fresh copy each run
@@ -81,7 +91,7 @@ def test_engine_with_the_lean_forward_decodes_what_hf_forward_decodes(family, ke
         assert (engine.runner.lean is not None) == lean
         if lean:
             fused = [f is not None for f in engine.runner.lean.fused.values()]
-            assert fused and all(fused) == (kernel == "native") and any(fused) == (kernel == "native")
+            assert fused and all(fused) == fuses and any(fused) == fuses
         engine.runner.keep_hidden = True  # what draft heads ask for: the hidden-state split path
         sampling = SamplingParams(max_tokens=40, ignore_eos=True)
         reqs = [
@@ -89,6 +99,8 @@ def test_engine_with_the_lean_forward_decodes_what_hf_forward_decodes(family, ke
         ]
         outs = engine.generate(reqs)
         assert_pool_empty(engine)
+        if lean:  # all-decode steps ran as C++ layers exactly where every linear is native
+            assert (engine.runner.lean.native_steps > 0) == fuses
         return outs, record, engine.runner.last_hidden
 
     hf, rec_hf, hidden_hf = run(False)

@@ -12,11 +12,16 @@ from torch import nn
 
 from apar_worker import quantization as q
 from apar_worker.engine import Engine, EngineConfig
+from apar_worker.native import native_module
 from apar_worker.types import GenerateRequest, ModelLoadError, SamplingParams
 
 pytestmark = pytest.mark.skipif(
     q.int8_kernel_error(torch.device("cpu")) is not None, reason="no int8 kernel in this torch build"
 )
+
+
+KERNEL = native_module()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler or ninja on this machine")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -93,6 +98,38 @@ def test_missing_kernel_falls_back_to_the_plain_model(monkeypatch, caplog):
     assert isinstance(model.lm_head, nn.Linear)
 
 
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 6, 7, 16, 33])
+@pytest.mark.parametrize("out_features", [16, 97])
+def test_native_int8_is_the_dequantized_product_whatever_the_rows(bias, rows, out_features):
+    """One register block widens int8 in registers, more widen the panel once into a buffer:
+    the same floats in the same order, so a row's result does not depend on its step's rows."""
+    torch.manual_seed(rows)
+    lin = nn.Linear(72, out_features, bias=bias)
+    layer = q.NativeInt8Linear.of(lin, KERNEL)
+    qw, scales = q.quantize_weight(lin.weight)
+    x = torch.randn(2, rows, 72)
+    want = x @ (qw.float() * scales[:, None]).T + (lin.bias.detach() if bias else 0)
+    got = layer(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer(x[:1, :1]), got[:1, :1])  # alone: bit for bit what it got in a batch
+    assert rel_err(got, lin(x)) < 0.02
+    assert tuple(layer.panels.shape) == (-(-out_features // 16), 72, 16) and layer.panels.dtype == torch.int8
+
+
+@needs_kernel
+def test_native_int8_takes_any_width_and_refuses_missing_scales():
+    model = make_model("llama")
+    model.model.layers[0].mlp.down_proj = nn.Linear(120, 64, bias=False)  # torch's kernel needs K % 16
+    assert q.quantize_model(model, "int8", kernel=KERNEL) == 2 * 7 + 1
+    assert isinstance(model.model.layers[0].mlp.down_proj, q.NativeInt8Linear)
+    layer = model.lm_head
+    with pytest.raises(RuntimeError, match="int8 panels need scales"):
+        KERNEL.skinny_linear(torch.randn(2, layer.in_features), layer.panels, layer.out_features)
+    assert "float32 CPU path" in q.native_int8_error(torch.zeros(1, dtype=torch.bfloat16), KERNEL)
+
+
 def _greedy(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
     reqs = [
         GenerateRequest(prompt_token_ids=p, fork=False, sampling=SamplingParams(max_tokens=n))
@@ -101,15 +138,17 @@ def _greedy(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]
     return [list(o.branches[0].token_ids) for o in engine.generate(reqs)]
 
 
-def test_engine_int8_generates_greedily_and_frees_every_block():
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_engine_int8_generates_greedily_and_frees_every_block(native_kernels):
     """The engine's int8 path is transformers' greedy generate on the same int8 model (closeness
-    to fp32 is the test above: on a random model greedy drifts after a first difference)."""
+    to fp32 is the test above: on a random model greedy drifts after a first difference); the
+    native panels where the native kernels run, else torch's kernel."""
     tok = make_tokenizer(control_tokens=False)
-    engine = Engine.from_model(
-        make_model("llama"), tok, EngineConfig(block_size=4, num_blocks=64, quantization="int8")
-    )
+    cfg = EngineConfig(block_size=4, num_blocks=64, quantization="int8", native_kernels=native_kernels)
+    engine = Engine.from_model(make_model("llama"), tok, cfg)
     model = engine.runner.model
-    assert isinstance(model.model.layers[1].self_attn.q_proj, q.Int8Linear)
+    kind = q.NativeInt8Linear if native_kernels and KERNEL is not None else q.Int8Linear
+    assert isinstance(model.model.layers[1].self_attn.q_proj, kind)
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
     g = torch.Generator().manual_seed(2)

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -23,21 +24,37 @@ namespace {
 constexpr int64_t P = 16;  // output columns per panel
 constexpr int64_t MB = 6;  // rows per register block (12 AVX2 accumulators + 2 weight vectors)
 
+// y = acc * scale + bias per column; scale is int8's per-channel factor (nullptr: float weights)
 template <int R>
-inline void store(const float* acc, float* y, int64_t ldy, int64_t cols, const float* bias) {
+inline void store(const float* acc, float* y, int64_t ldy, int64_t cols, const float* scale,
+                  const float* bias) {
   for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < cols; ++c) y[r * ldy + c] = acc[r * P + c] + (bias ? bias[c] : 0.0f);
+    for (int64_t c = 0; c < cols; ++c)
+      y[r * ldy + c] = acc[r * P + c] * (scale ? scale[c] : 1.0f) + (bias ? bias[c] : 0.0f);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-template <int R>
-inline void block(const float* x, int64_t ldx, const float* w, int64_t k_dim, float* y, int64_t ldy,
-                  int64_t cols, const float* bias) {
+inline void load16(const float* w, __m256& w0, __m256& w1) {
+  w0 = _mm256_loadu_ps(w);
+  w1 = _mm256_loadu_ps(w + 8);
+}
+
+// 16 int8 weights widened to floats in registers: exact (|q| <= 127), one 16-byte load
+inline void load16(const int8_t* w, __m256& w0, __m256& w1) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+}
+
+template <typename W, int R>
+inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y, int64_t ldy,
+                  int64_t cols, const float* scale, const float* bias) {
   __m256 lo[R], hi[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(w + k * P), w1 = _mm256_loadu_ps(w + k * P + 8);
+    __m256 w0, w1;
+    load16(w + k * P, w0, w1);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
@@ -51,22 +68,23 @@ inline void block(const float* x, int64_t ldx, const float* w, int64_t k_dim, fl
     _mm256_store_ps(acc + r * P, lo[r]);
     _mm256_store_ps(acc + r * P + 8, hi[r]);
   }
-  store<R>(acc, y, ldy, cols, bias);
+  store<R>(acc, y, ldy, cols, scale, bias);
 }
 #else  // portable: the same loop order, vectorised by the compiler where it can
-template <int R>
-inline void block(const float* x, int64_t ldx, const float* w, int64_t k_dim, float* y, int64_t ldy,
-                  int64_t cols, const float* bias) {
+template <typename W, int R>
+inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y, int64_t ldy,
+                  int64_t cols, const float* scale, const float* bias) {
   float acc[R * P] = {};
   for (int64_t k = 0; k < k_dim; ++k)
     for (int r = 0; r < R; ++r)
-      for (int64_t c = 0; c < P; ++c) acc[r * P + c] += w[k * P + c] * x[r * ldx + k];
-  store<R>(acc, y, ldy, cols, bias);
+      for (int64_t c = 0; c < P; ++c) acc[r * P + c] += static_cast<float>(w[k * P + c]) * x[r * ldx + k];
+  store<R>(acc, y, ldy, cols, scale, bias);
 }
 #endif
 
-void panel(const float* x, int64_t m_dim, int64_t k_dim, const float* w, float* y, int64_t n_dim,
-           int64_t cols, const float* bias) {
+template <typename W>
+void panel(const float* x, int64_t m_dim, int64_t k_dim, const W* w, float* y, int64_t n_dim,
+           int64_t cols, const float* scale, const float* bias) {
   // rows split evenly over the fewest blocks of at most MB (16 rows: 6 + 5 + 5, not 6 + 6 + 4):
   // a block of R rows keeps 2R FMA chains in flight, and fewer than ~10 leave the FMA units idle
   const int64_t blocks = (m_dim + MB - 1) / MB;
@@ -75,22 +93,35 @@ void panel(const float* x, int64_t m_dim, int64_t k_dim, const float* w, float* 
     const float* xs = x + m0 * k_dim;
     float* ys = y + m0 * n_dim;
     switch (rows) {
-      case 1: block<1>(xs, k_dim, w, k_dim, ys, n_dim, cols, bias); break;
-      case 2: block<2>(xs, k_dim, w, k_dim, ys, n_dim, cols, bias); break;
-      case 3: block<3>(xs, k_dim, w, k_dim, ys, n_dim, cols, bias); break;
-      case 4: block<4>(xs, k_dim, w, k_dim, ys, n_dim, cols, bias); break;
-      case 5: block<5>(xs, k_dim, w, k_dim, ys, n_dim, cols, bias); break;
-      default: block<6>(xs, k_dim, w, k_dim, ys, n_dim, cols, bias); break;
+      case 1: block<W, 1>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
+      case 2: block<W, 2>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
+      case 3: block<W, 3>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
+      case 4: block<W, 4>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
+      case 5: block<W, 5>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
+      default: block<W, 6>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
     }
     m0 += rows;
   }
 }
 
+// int8 panels: one register block widens the weights as it goes; several blocks would widen
+// them once each, so the panel is widened once into a per-thread float buffer (cache, not
+// memory) and multiplied as a float panel. Both give the same floats in the same order.
+void panel_int8(const float* x, int64_t m_dim, int64_t k_dim, const int8_t* w, float* y, int64_t n_dim,
+                int64_t cols, const float* scale, const float* bias) {
+  if (m_dim <= MB) return panel<int8_t>(x, m_dim, k_dim, w, y, n_dim, cols, scale, bias);
+  thread_local std::vector<float> wide;
+  wide.resize(static_cast<size_t>(k_dim * P));
+  for (int64_t i = 0; i < k_dim * P; ++i) wide[i] = static_cast<float>(w[i]);
+  panel<float>(x, m_dim, k_dim, wide.data(), y, n_dim, cols, scale, bias);
+}
+
 }  // namespace
 
-// weight [N, K] -> panels [ceil(N/16), K, 16], zero-padded past N.
+// weight [N, K] (float32, or int8 values) -> panels [ceil(N/16), K, 16], zero-padded past N.
 at::Tensor pack_panels(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "pack_panels: float32 [N, K]");
+  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kChar),
+              "pack_panels: float32 or int8 [N, K]");
   const int64_t n = weight.size(0), k = weight.size(1), np = (n + P - 1) / P;
   auto padded = at::zeros({np * P, k}, weight.options());
   padded.narrow(0, 0, n).copy_(weight);
@@ -98,27 +129,39 @@ at::Tensor pack_panels(const at::Tensor& weight) {
 }
 
 // x [M, K] float32 times panels (pack_panels of an [N, K] weight) -> [M, N], plus bias [N].
+// int8 panels need scales [N] (w = q * scale per output channel); the rows stay float32.
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n,
-                         const c10::optional<at::Tensor>& bias) {
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "skinny_linear: x must be float32 [M, K]");
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == P && panels.is_contiguous(), "skinny_linear: bad panels");
   TORCH_CHECK(panels.size(1) == x.size(1) && panels.size(0) * P >= n, "skinny_linear: shapes disagree");
+  const bool int8 = panels.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || panels.scalar_type() == at::kFloat, "skinny_linear: panels must be float32 or int8");
   auto xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1), np = (n + P - 1) / P;
   auto out = at::empty({m, n}, xc.options());
-  at::Tensor b;
+  at::Tensor b, s;
   if (bias.has_value() && bias->defined()) {
     b = bias->contiguous();
     TORCH_CHECK(b.numel() == n && b.scalar_type() == at::kFloat, "skinny_linear: bias must be float32 [N]");
   }
+  if (int8) {
+    TORCH_CHECK(scales.has_value() && scales->defined(), "skinny_linear: int8 panels need scales");
+    s = scales->contiguous();
+    TORCH_CHECK(s.numel() == n && s.scalar_type() == at::kFloat, "skinny_linear: scales must be float32 [N]");
+  }
   const float* xp = xc.data_ptr<float>();
-  const float* wp = panels.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t cols = std::min(P, n - p * P);
-      panel(xp, m, k, wp + p * k * P, yp + p * P, n, cols, bp ? bp + p * P : nullptr);
+      const int64_t cols = std::min(P, n - p * P), off = p * P;
+      const float* bias_p = bp ? bp + off : nullptr;
+      if (int8)
+        panel_int8(xp, m, k, panels.data_ptr<int8_t>() + p * k * P, yp + off, n, cols, sp + off, bias_p);
+      else
+        panel<float>(xp, m, k, panels.data_ptr<float>() + p * k * P, yp + off, n, cols, nullptr, bias_p);
     }
   });
   return out;
