@@ -65,7 +65,16 @@ class DraftHeads(torch.nn.Module):
         self, hidden: torch.Tensor, embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """([R, num_heads] token ids, [R, num_heads] the heads' softmax probability of each)."""
-        probs = self.logits(hidden.to(embedding.dtype), embedding).float().softmax(-1)
+        return self.guess_over(hidden, embedding[self.vocab])
+
+    @torch.no_grad()
+    def guess_over(
+        self, hidden: torch.Tensor, draft_matrix: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """guess_with_confidence given the embedding's draft-vocabulary rows, gathered once by
+        the caller rather than every step."""
+        states = self.states(hidden.to(draft_matrix.dtype))
+        probs = (states @ draft_matrix.T).float().softmax(-1)
         best, idx = probs.max(-1)
         return self.vocab[idx].T, best.T
 
@@ -95,7 +104,9 @@ class DraftHeadsProposer:
 
     def __init__(self, heads: DraftHeads, model, lookup: tuple[int, int] | None = None) -> None:
         self.heads = heads
-        self.embedding = output_matrix(model)
+        # the draft vocabulary's rows of the output embedding, gathered once (a step reads them)
+        matrix = output_matrix(model)
+        self.draft_matrix = matrix[heads.vocab.to(matrix.device)].contiguous()
         self.lookup = lookup
         self.guesses: dict[int, tuple[int, list[int]]] = {}  # id(branch) -> (len(tokens), guesses)
 
@@ -104,7 +115,7 @@ class DraftHeadsProposer:
         self.guesses.clear()
         if not rows:
             return
-        ids, conf = self.heads.guess_with_confidence(hidden, self.embedding)
+        ids, conf = self.heads.guess_over(hidden, self.draft_matrix)
         sure = (conf >= MIN_CONFIDENCE).int().cumprod(dim=1).sum(dim=1).tolist()  # leading confident heads
         for (_, br), g, n in zip(rows, ids.tolist(), sure, strict=True):
             self.guesses[id(br)] = (len(br.tokens), g[:n])

