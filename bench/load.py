@@ -152,9 +152,14 @@ def serve_config(model: str, args) -> dict[str, Any]:
             "kv_cache_memory_mb": 128,
             "max_num_seqs": 128,
             "speculative": getattr(args, "speculative", None),
+            "quantization": None if getattr(args, "quantization", "none") == "none" else args.quantization,
         },
         "limits": {"max_tokens": 2048},
-        "worker": {"num_replicas": 1, "num_cpus": 1.0, "max_ongoing_requests": args.max_requests + 8},
+        "worker": {
+            "num_replicas": 1,
+            "num_cpus": getattr(args, "worker_cpus", 1.0),  # Ray gives the replica as many threads
+            "max_ongoing_requests": args.max_requests + 8,
+        },
         "ingress": {"num_cpus": 0.1},
     }
 
@@ -267,6 +272,8 @@ def _result(args, targets, notes) -> dict[str, Any]:
             "max_tokens": args.max_tokens,
             "prompt_mix": "held-out structured/unstructured, alternating",
             "stream": not args.unary,
+            "quantization": getattr(args, "quantization", "none"),
+            "worker_cpus": getattr(args, "worker_cpus", 1.0),
         },
         "notes": notes,
         "targets": targets,
@@ -362,6 +369,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--llamacpp-threads", type=int, default=2, help="llama-server threads (default 2)")
     p.add_argument("--num-cpus", type=float, default=2.0, help="CPUs Ray may use for apar serve")
+    p.add_argument("--worker-cpus", type=float, default=1.0,
+                   help="CPUs (torch threads) of the one worker replica; llama-server's peer is --llamacpp-threads")  # fmt: skip
+    p.add_argument("--quantization", choices=["none", "int8"], default="none",
+                   help="our clusters' weights: int8 weight-only, as `apar serve --quantization`")  # fmt: skip
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl")
     p.add_argument("--json", default=str(RESULTS_DIR / "load.json"), metavar="OUT")
     p.add_argument("--plot", default=str(RESULTS_DIR / "load.png"), metavar="OUT.png")
