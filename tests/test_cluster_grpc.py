@@ -294,10 +294,10 @@ def test_cancelled_stream_is_aborted_on_the_replica(apar_cluster, stub):
     rid = uuid.uuid4().hex
     call = stub.GenerateStream(_long_request(rid), timeout=120)
     got = 0
+    # cancel at the first chunk: the native engine decodes a tiny model's 1000 tokens in about a second
     for _ in call:
         got += 1
-        if got == 5:
-            break
+        break
     call.cancel()
     with pytest.raises(grpc.RpcError) as err:
         next(call)
