@@ -157,7 +157,9 @@ def write_config(
     """The test cluster's config: small KV pool, fractional CPUs, fast heartbeats, low limits."""
     cfg = {
         "model": model,
-        "engine": {"device": "cpu", "kv_cache_memory_mb": 32, "max_num_seqs": 64},
+        # torch ops, not the native kernels: those decode this tiny model's 1000 tokens in about a
+        # second, before a cancel or a replica kill reaches a request (kernels: test_native.py etc.)
+        "engine": {"device": "cpu", "kv_cache_memory_mb": 32, "max_num_seqs": 64, "native_kernels": False},
         "limits": {"max_tokens": 1024, "default_max_tokens": 128, "max_prompt_chars": 16384},
         "worker": {"num_replicas": replicas, "num_cpus": 0.5, "max_ongoing_requests": 16},
         "ingress": {"num_replicas": 2, "num_cpus": 0.1},  # Cancel must reach the other one
