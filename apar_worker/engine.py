@@ -33,7 +33,7 @@ from apar_worker.model_runner import (
 from apar_worker.native import decode_kernel_for, native_module
 from apar_worker.output import request_output
 from apar_worker.packed_linear import pack_model, parse_linear_kernel
-from apar_worker.quantization import quantize_model
+from apar_worker.quantization import parse_quantization, quantize_model
 from apar_worker.resume import rebuild_tree
 from apar_worker.sampling import make_generator, stream_key
 from apar_worker.scheduler import Scheduler, SchedulerConfig
@@ -80,8 +80,12 @@ class EngineConfig:
 def _prepare_linears(model, config: EngineConfig, owned: bool) -> str:
     """Quantize (a no-op unless int8; on the native panels where native linears may run), then
     pack the float linears, in place; returns the kernel chosen (packed_linear.py)."""
-    native_linears = config.native_kernels and parse_linear_kernel(config.linear_kernel) != "plain"
-    quantize_model(model, config.quantization, kernel=native_module() if native_linears else None)
+    native_int8 = (
+        parse_quantization(config.quantization) is not None
+        and config.native_kernels
+        and parse_linear_kernel(config.linear_kernel) != "plain"
+    )  # the kernel is looked up (built on first use) only when int8 may run on it
+    quantize_model(model, config.quantization, kernel=native_module() if native_int8 else None)
     return pack_model(model, config.linear_kernel, owned=owned, native_ok=config.native_kernels)
 
 

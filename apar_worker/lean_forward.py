@@ -101,11 +101,10 @@ class LeanForward:
         self.native_steps = 0  # steps that ran the C++ layers (tests, profiles)
 
     def _layer_weights(self) -> list[list[torch.Tensor]] | None:
-        out = []
+        out, native = [], (NativeLinear, NativeInt8Linear)
         for layer in self.body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             fa, fm = self.fused[id(attn)], self.fused[id(mlp)]
-            native = (NativeLinear, NativeInt8Linear)
             if (
                 fa is None
                 or fm is None
