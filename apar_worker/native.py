@@ -4,7 +4,7 @@ layers), built on first use, or None.
 `torch.utils.cpp_extension.load` compiles them once per machine and torch version into torch's
 extension cache (`$TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions; about a minute with
 g++ and ninja), then loads the cached library in well under a second. Vector flags come from
-/proc/cpuinfo (AVX2/FMA where present) rather than -march=native, which can pick up ISA
+/proc/cpuinfo (AVX2/FMA, AVX-512F where present) rather than -march=native, which can pick up ISA
 extensions a sandbox advertises but does not grant. Where there is no compiler, no ninja, or
 the build fails, `native_module()` logs one warning and returns None, and attention and linear
 layers run on torch ops (`EngineConfig.native_kernels = False` asks for that directly).
@@ -34,7 +34,7 @@ def _cpu_flags() -> list[str]:
         flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
     except (OSError, IndexError):
         return []
-    return [f"-m{f}" for f in ("avx2", "fma", "f16c") if f in flags]
+    return [f"-m{f}" for f in ("avx2", "fma", "f16c", "avx512f") if f in flags]
 
 
 def decode_kernel_for(cache: torch.Tensor, enabled: bool = True) -> Any | None:

@@ -36,16 +36,49 @@ def test_a_packed_layer_computes_what_the_plain_layer_computes(bias, shape):
 
 @needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 33, 200])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 12, 16, 17, 33, 200])
 @pytest.mark.parametrize("out_features", [16, 40, 97])
 def test_a_native_layer_computes_what_the_plain_layer_computes(bias, rows, out_features):
-    """Every register-block size (1-6 rows), full and partial 16-column panels."""
+    """Register blocks of every size (1-6 rows with AVX2, 1-16 with AVX-512), full and partial
+    16-column panels."""
     torch.manual_seed(rows)
     lin = nn.Linear(72, out_features, bias=bias)
     layer = NativeLinear(lin, KERNEL)
     x = torch.randn(2, rows, 72)
     torch.testing.assert_close(layer(x), lin(x), atol=1e-5, rtol=1e-5)
     assert layer.weight is None and tuple(layer.panels.shape) == (-(-out_features // 16), 72, 16)
+
+
+@needs_kernel
+def test_the_kernels_thread_pool_gives_the_same_floats_from_any_thread_and_under_contention():
+    """The kernels split work over their own spinning pool (csrc/spin_pool.h), not OpenMP: from
+    the main thread, from another thread, and from four threads at once (one of them runs its
+    job, the others inline), every call returns what one thread computes, bit for bit."""
+    import threading
+
+    torch.manual_seed(3)
+    panels = KERNEL.pack_panels(torch.randn(1000, 96))
+    inputs = [torch.randn(rows, 96) for rows in (1, 6, 16, 40)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = [KERNEL.skinny_linear(x, panels, 1000) for x in inputs]
+    finally:
+        torch.set_num_threads(threads)
+    got: dict[int, list[torch.Tensor]] = {}
+
+    def work(key: int) -> None:
+        got[key] = [KERNEL.skinny_linear(x, panels, 1000) for x in inputs for _ in range(20)][::20]
+
+    work(-1)
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=60)
+    assert sorted(got) == [-1, 0, 1, 2, 3]
+    for outs in got.values():
+        assert all(torch.equal(o, w) for o, w in zip(outs, want, strict=True))
 
 
 @needs_kernel

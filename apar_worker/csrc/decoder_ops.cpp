@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "spin_pool.h"
+
 #include <cmath>
 
 #include "vec_math.h"
@@ -35,7 +37,7 @@ at::Tensor add_rms_norm_(at::Tensor& residual, const c10::optional<at::Tensor>& 
   auto out = at::empty_like(residual);
   float* op = out.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
-  at::parallel_for(0, t, 8, [&](int64_t b, int64_t e) {
+  apar::parallel_range(0, t, 8, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       float* r = rp + i * h;
       if (dp)
@@ -86,7 +88,7 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   const float* gp = gate.data_ptr<float>();
   const float* upp = up.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, t, 1, [&](int64_t b, int64_t e) {
+  apar::parallel_range(0, t, 1, [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const float* g = gp + row * lg;
       const float* u = upp + row * lu;

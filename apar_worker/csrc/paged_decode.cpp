@@ -11,6 +11,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "spin_pool.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -218,7 +220,7 @@ std::vector<at::Tensor> paged_decode(
   const int64_t* np_ = nc.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
+  apar::parallel_range(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc;
     std::vector<const float*> qs(rep);
     std::vector<float*> os(rep), ls(rep);
@@ -257,7 +259,7 @@ std::vector<at::Tensor> paged_prefix(
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const int64_t chunks = (m + PREFIX_CHUNK - 1) / PREFIX_CHUNK;
-  at::parallel_for(0, chunks * kvh, 1, [&](int64_t begin, int64_t end) {
+  apar::parallel_range(0, chunks * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc;
     std::vector<const float*> qs;
     std::vector<float*> os, ls;

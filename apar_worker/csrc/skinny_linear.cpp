@@ -11,18 +11,26 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "spin_pool.h"
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
 constexpr int64_t P = 16;  // output columns per panel
-constexpr int64_t MB = 6;  // rows per register block (12 AVX2 accumulators + 2 weight vectors)
+// rows per register block: AVX-512 holds a panel row in one register (16 accumulators + the
+// weight vector of 32), AVX2 in two (12 accumulators + 2 weight vectors of 16)
+#if defined(__AVX512F__)
+constexpr int MB = 16;
+#else
+constexpr int MB = 6;
+#endif
 
 // y = acc * scale + bias per column; scale is int8's per-channel factor (nullptr: float weights)
 template <int R>
@@ -33,7 +41,32 @@ inline void store(const float* acc, float* y, int64_t ldy, int64_t cols, const f
       y[r * ldy + c] = acc[r * P + c] * (scale ? scale[c] : 1.0f) + (bias ? bias[c] : 0.0f);
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+
+// 16 int8 weights widened to floats in a register: exact (|q| <= 127), one 16-byte load
+inline __m512 load16(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+
+// Per lane the same fused multiply-adds in the same k order as the AVX2 block: same floats.
+template <typename W, int R>
+inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y, int64_t ldy,
+                  int64_t cols, const float* scale, const float* bias) {
+  __m512 acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const __m512 wv = load16(w + k * P);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[r * ldx + k]), acc[r]);
+  }
+  alignas(64) float out[R * P];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) _mm512_store_ps(out + r * P, acc[r]);
+  store<R>(out, y, ldy, cols, scale, bias);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
 inline void load16(const float* w, __m256& w0, __m256& w1) {
   w0 = _mm256_loadu_ps(w);
   w1 = _mm256_loadu_ps(w + 8);
@@ -82,24 +115,28 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float*
 }
 #endif
 
+// block<W, rows> for a run-time row count in [1, MB]
+template <typename W, int R = 1>
+inline void block_of(int64_t rows, const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y,
+                     int64_t ldy, int64_t cols, const float* scale, const float* bias) {
+  if constexpr (R < MB) {
+    if (rows > R) return block_of<W, R + 1>(rows, x, ldx, w, k_dim, y, ldy, cols, scale, bias);
+  }
+  block<W, R>(x, ldx, w, k_dim, y, ldy, cols, scale, bias);
+}
+
 template <typename W>
 void panel(const float* x, int64_t m_dim, int64_t k_dim, const W* w, float* y, int64_t n_dim,
            int64_t cols, const float* scale, const float* bias) {
-  // rows split evenly over the fewest blocks of at most MB (16 rows: 6 + 5 + 5, not 6 + 6 + 4):
-  // a block of R rows keeps 2R FMA chains in flight, and fewer than ~10 leave the FMA units idle
+  // rows split evenly over the fewest blocks of at most MB (AVX2, 16 rows: 6 + 5 + 5, not 6 + 6 +
+  // 4): a block of R rows keeps R (AVX-512) or 2R (AVX2) FMA chains in flight, and fewer than
+  // ~8-10 leave the FMA units idle
   const int64_t blocks = (m_dim + MB - 1) / MB;
   for (int64_t b = 0, m0 = 0; b < blocks; ++b) {
     const int64_t rows = (m_dim - m0) / (blocks - b);
     const float* xs = x + m0 * k_dim;
     float* ys = y + m0 * n_dim;
-    switch (rows) {
-      case 1: block<W, 1>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
-      case 2: block<W, 2>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
-      case 3: block<W, 3>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
-      case 4: block<W, 4>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
-      case 5: block<W, 5>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
-      default: block<W, 6>(xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias); break;
-    }
+    block_of<W>(rows, xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias);
     m0 += rows;
   }
 }
@@ -154,7 +191,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t 
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
-  at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
+  apar::parallel_range(0, np, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t cols = std::min(P, n - p * P), off = p * P;
       const float* bias_p = bp ? bp + off : nullptr;
