@@ -4,8 +4,6 @@
 // matrix products (RMSNorm is eight of them, rotary ten) than in their arithmetic: each call
 // costs microseconds of dispatch. These do the same float32 arithmetic in one call each.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
-
 #include "spin_pool.h"
 
 #include <cmath>

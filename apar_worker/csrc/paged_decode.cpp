@@ -9,8 +9,6 @@
 // `paged_prefix`: the query tokens of a group of sibling rows (cascade attention) over the
 // prefix blocks they share, so each shared key and value is read once per group, not per row.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
-
 #include "spin_pool.h"
 
 #include <algorithm>

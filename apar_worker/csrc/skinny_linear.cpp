@@ -4,13 +4,12 @@
 // weight read, as on a GPU, if each weight is read from memory once per step whatever the
 // row count. The weight is stored once, at load time, as panels of 16 output columns laid
 // out k-major ([N/16, K, 16]), so a panel streams sequentially from memory; each panel is then
-// multiplied with blocks of up to 6 rows held in registers, re-read from cache (not memory)
-// for the next block. Panels are split over the torch threads. Plain GEMM libraries re-pack
+// multiplied with blocks of up to 6 (AVX2) or 16 (AVX-512F) rows held in registers, re-read
+// from cache (not memory) for the next block. Panels are split over the torch threads
+// (spin_pool.h). Plain GEMM libraries re-pack
 // the weights per call or switch algorithm with the row count; this costs the same weight
 // read at 1 row as at 16.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
-
 #include "spin_pool.h"
 
 #include <algorithm>

@@ -159,7 +159,8 @@ inline void parallel_range(int64_t begin, int64_t end, int64_t grain, const F& f
   const int64_t range = end - begin;
   if (range <= 0) return;
   const int threads = std::max(1, at::get_num_threads());
-  const int64_t chunks = std::min<int64_t>(threads, (range + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1));
+  const int64_t g = std::max<int64_t>(grain, 1);
+  const int64_t chunks = std::min<int64_t>(threads, (range + g - 1) / g);
   if (chunks <= 1) return f(begin, end);
   SpinPool::get(threads).run(begin, end, chunks, SpinPool::Fn(f));
 }
