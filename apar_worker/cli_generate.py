@@ -42,7 +42,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "--linear-kernel",
         default="auto",
         choices=LINEAR_KERNELS,
-        help="auto: float32 CPU linears in the C++ kernel, else oneDNN-packed; plain: torch's own path",
+        help="auto: float32 CPU linears in the C++ kernel (int8 on AMX tiles where the CPU has them), "
+        "else oneDNN-packed; native: no AMX; amx: insist on AMX for int8; plain: torch's own path",
     )
     p.add_argument(
         "--speculative-config",

@@ -25,7 +25,14 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [
     CSRC / name
-    for name in ("bindings.cpp", "paged_decode.cpp", "skinny_linear.cpp", "decoder_ops.cpp", "lean_layer.cpp")
+    for name in (
+        "bindings.cpp",
+        "paged_decode.cpp",
+        "skinny_linear.cpp",
+        "amx_linear.cpp",
+        "decoder_ops.cpp",
+        "lean_layer.cpp",
+    )
 ]
 
 

@@ -18,7 +18,8 @@ with the native kernel where it built (and passes a probe), else oneDNN where to
 anywhere else (CUDA, fp16/bf16, int8 layers, a model handed in by the caller, which may still
 be training: packing drops the plain weights) it leaves the model as it is. `"plain"` never
 packs (the reference path); `"onednn"` and `"native"` pack any model they are given and error
-where they cannot.
+where they cannot. `"amx"` is the native kernel for float layers and AMX tiles for int8 ones
+(quantization.py; the engine errors where the CPU has none).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def choose_kernel(kernel: str | None, param: torch.Tensor, owned: bool, native_o
     """The kernel `pack_model` uses: `auto` picks native, then oneDNN, then plain, silently (a
     default); `native` and `onednn` error where they cannot run."""
     kernel = parse_linear_kernel(kernel)
+    kernel = "native" if kernel == "amx" else kernel  # AMX tiles are an int8 path: float layers go native
     if kernel == "plain" or (kernel == "auto" and not owned):
         return "plain"
     checks = {"native": native_error, "onednn": onednn_error}

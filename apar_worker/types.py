@@ -31,6 +31,7 @@ LINEAR_KERNELS = (
     "plain",
     "onednn",
     "native",
+    "amx",
 )  # EngineConfig.linear_kernel (apar_worker/packed_linear.py)
 
 

@@ -204,9 +204,15 @@ def hf_rows(model_dir: Path, tokens: list[int], context: int, repeats: int) -> l
 
 
 def _mode(
-    model_dir: Path, quantization: str | None, plain: bool, args: argparse.Namespace, gbs: float
+    model_dir: Path,
+    quantization: str | None,
+    plain: bool,
+    args: argparse.Namespace,
+    gbs: float,
+    kernel: str = "auto",
 ) -> dict:
-    """One engine's rows: as it serves (`plain=False`), or on torch ops alone (`plain=True`)."""
+    """One engine's rows: as it serves (`plain=False`, linears by `kernel`), or on torch ops
+    alone (`plain=True`)."""
     from apar_worker.engine import Engine, EngineConfig
 
     rows_max = max(args.tokens)
@@ -217,7 +223,7 @@ def _mode(
         model=str(model_dir),
         device="cpu",
         quantization=quantization,
-        linear_kernel="plain" if plain else "auto",
+        linear_kernel="plain" if plain else kernel,
         native_kernels=not plain,
         num_blocks=rows_max * per_row + 16,
         max_num_batched_tokens=max(4096, rows_max),
@@ -262,6 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             modes.append(_mode(path, None, True, args, gbs))  # the reference path, same run
         if args.quantization == "int8":
             modes.append(_mode(path, "int8", False, args, gbs))
+            if modes[-1]["linear_kernel"] == "amx":  # and the FMA kernel's int8, same run
+                modes.append(_mode(path, "int8", False, args, gbs, kernel="native"))
         hf = [] if args.no_hf else hf_rows(path, args.tokens, args.context, args.repeats)
     for mode in modes:
         mode["ratios"] = ratios(mode)
@@ -280,7 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _weights_name(mode: dict) -> str:
     weights = "fp32" if mode["quantization"] == "none" else mode["quantization"]
-    names = {"onednn": "oneDNN-packed linears", "native": "C++ linears"}
+    names = {"onednn": "oneDNN-packed linears", "native": "C++ linears", "amx": "C++ linears on AMX tiles"}
     parts = [names[mode["linear_kernel"]]] if mode.get("linear_kernel") in names else []
     parts += ["C++ attention"] if mode.get("attention") == "native" else []
     return f"{weights} ({', '.join(parts) or 'plain torch ops'})"

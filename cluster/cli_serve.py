@@ -86,7 +86,8 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
         "--linear-kernel",
         choices=LINEAR_KERNELS,
         default=None,
-        help="linear layers of the worker engines: auto packs float32 CPU weights for the C++ kernel (else oneDNN), plain does not",
+        help="linear layers of the worker engines: auto packs float32 CPU weights for the C++ kernel (else oneDNN) "
+        "and int8 ones as AMX tiles where the CPU has them; native: no AMX; amx: insist; plain: no packing",
     )
     p.add_argument(
         "--speculative-config",

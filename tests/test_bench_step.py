@@ -31,7 +31,9 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
     assert "1-token step / bandwidth floor:" in text and "\nint8 (" in text
     data = json.loads(out.read_text())
     assert data["benchmark"] == "step" and data["bandwidth_gbs"] > 0
-    assert [m["quantization"] for m in data["modes"]] == ["none", "none", "int8"]
+    amx = data["modes"][2]["linear_kernel"] == "amx"  # then the FMA panels' int8 too, same run
+    assert [m["quantization"] for m in data["modes"]] == ["none", "none", "int8"] + ["int8"] * amx
+    assert [m["linear_kernel"] for m in data["modes"][2:]] == (["amx", "native"] if amx else ["native"])
     assert [m["linear_kernel"] for m in data["modes"][:2]] == ["native", "plain"]
     assert data["modes"][1]["attention"] == "torch"
     assert "fp32 (C++ linears, C++ attention)" in text and "fp32 (plain torch ops) weights:" in text
@@ -43,7 +45,7 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
         assert all(r["ms"] > 0 for r in mode["rows"])
         assert mode["ratios"]["over_1_token"]["1"]["1"] == pytest.approx(1.0)
         assert mode["ratios"]["one_token_over_floor"] > 0
-    fp32, plain, int8 = data["modes"]
+    fp32, plain, int8 = data["modes"][:3]
     assert fp32["weight_bytes"] == plain["weight_bytes"]  # packing moves the weights, it adds none
     assert int8["weight_bytes"] < fp32["weight_bytes"] / 2  # int8 weights (lm_head an int8 copy)
     assert [r["tokens"] for r in data["transformers"]] == [1, 2, 8, 16]

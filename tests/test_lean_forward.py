@@ -66,7 +66,8 @@ def test_silu_mul_equals_torch_over_the_whole_range():
         ("llama", "plain", None),
         ("qwen2", "plain", None),
         ("llama", "native", None),
-        ("qwen2", "auto", "int8"),
+        ("qwen2", "auto", "int8"),  # on AMX tiles where the CPU has them
+        ("qwen2", "native", "int8"),  # the FMA panels
     ],
 )
 def test_engine_with_the_lean_forward_decodes_what_hf_forward_decodes(family, kernel, quant):
@@ -108,8 +109,11 @@ def test_engine_with_the_lean_forward_decodes_what_hf_forward_decodes(family, ke
     assert len(hf[0].branches) >= 3
     assert [o.text for o in lean] == [o.text for o in hf]
     worst = max((a[2] - b[2]).abs().max().item() for a, b in zip(rec_hf, rec_lean, strict=True))
-    assert worst < 1e-4, worst
-    torch.testing.assert_close(hidden_lean, hidden_hf, atol=1e-4, rtol=1e-4)
+    # On AMX tiles each row is quantized (steps of 1/(127*254) of its largest value): the two
+    # paths' float differences of ~1e-7 move a few of them by one step, ~3e-5 of the row's scale.
+    tol = 2e-3 if quant == "int8" and kernel == "auto" and KERNEL.amx_available() else 1e-4
+    assert worst < tol, worst
+    torch.testing.assert_close(hidden_lean, hidden_hf, atol=tol, rtol=tol)
 
 
 def test_models_it_cannot_run_keep_hf_forward():

@@ -18,6 +18,10 @@ at::Tensor add_rms_norm_(at::Tensor& residual, const c10::optional<at::Tensor>& 
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor pack_panels(const at::Tensor& weight);
+bool amx_available();
+at::Tensor pack_panels_amx(const at::Tensor& weight);
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, const float* bias,
+                      const float* scales);
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales);
 at::Tensor decoder_layer(at::Tensor& x, const c10::optional<at::Tensor>& delta, const std::vector<at::Tensor>& w,

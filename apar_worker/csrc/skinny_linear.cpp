@@ -10,6 +10,7 @@
 // the weights per call or switch algorithm with the row count; this costs the same weight
 // read at 1 row as at 16.
 #include <torch/extension.h>
+#include "ops.h"
 #include "spin_pool.h"
 
 #include <algorithm>
@@ -169,13 +170,13 @@ at::Tensor pack_panels(const at::Tensor& weight) {
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "skinny_linear: x must be float32 [M, K]");
-  TORCH_CHECK(panels.dim() == 3 && panels.size(2) == P && panels.is_contiguous(), "skinny_linear: bad panels");
-  TORCH_CHECK(panels.size(1) == x.size(1) && panels.size(0) * P >= n, "skinny_linear: shapes disagree");
-  const bool int8 = panels.scalar_type() == at::kChar;
+  const bool int8 = panels.scalar_type() == at::kChar, amx = panels.dim() == 3 && panels.size(2) == 4 * P;
+  TORCH_CHECK(panels.dim() == 3 && (panels.size(2) == P || (int8 && amx)) && panels.is_contiguous(),
+              "skinny_linear: bad panels");
+  TORCH_CHECK((amx || panels.size(1) == x.size(1)) && panels.size(0) * P >= n, "skinny_linear: shapes disagree");
   TORCH_CHECK(int8 || panels.scalar_type() == at::kFloat, "skinny_linear: panels must be float32 or int8");
   auto xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1), np = (n + P - 1) / P;
-  auto out = at::empty({m, n}, xc.options());
   at::Tensor b, s;
   if (bias.has_value() && bias->defined()) {
     b = bias->contiguous();
@@ -189,6 +190,8 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t 
   const float* xp = xc.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
+  if (amx) return amx_linear(xc, panels, n, bp, sp);  // int8 as AMX B tiles (amx_linear.cpp)
+  auto out = at::empty({m, n}, xc.options());
   float* yp = out.data_ptr<float>();
   apar::parallel_range(0, np, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {

@@ -1,0 +1,235 @@
+// Int8 linear layers on AMX tiles (Intel Xeon from Sapphire Rapids on), for CPU (native.py).
+//
+// skinny_linear.cpp widens int8 weights to float32 and multiplies them with FMAs: from a few
+// rows on, a step is bound by those FMAs, not by the weight read. AMX multiplies int8 tiles
+// (16 rows x 64) into int32 at about 1000 multiply-adds a cycle, so a step of up to 64 rows
+// costs about the weight read again. The weights are stored as AMX's B tiles: per 16-column
+// panel, [K/4, 16, 4] int8 (pack_panels_amx). The rows are quantized per row in two int8
+// levels, x ~= s * (q1 + q2 / 254): the second level holds the first's rounding error, so a
+// row is kept to about 2^-16 of its largest value (bfloat16 keeps 2^-9 of each value), and the
+// products are exact int32 sums. Unavailable (amx_available() false) where the CPU has no AMX-INT8
+// or the kernel does not grant the tile state; the FMA kernel then serves.
+#include <torch/extension.h>
+#include "spin_pool.h"
+
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)  // AMX intrinsics
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define APAR_AMX 1
+#endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t P = 16;    // output columns per panel: one int32 C tile is 16 x 16
+constexpr int64_t KT = 64;   // k per tile: a tile row is 64 bytes
+constexpr int64_t MR = 16;   // rows per tile
+constexpr float L2 = 254.f;  // the second level's step: 1/254 of the first's
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+#if APAR_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool request_amx() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d >> 24) & 1) || !((d >> 25) & 1)) return false;  // AMX-TILE, AMX-INT8
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+// tiles 0-3: C (panel 0 level 1, panel 0 level 2, panel 1 level 1, panel 1 level 2); 4-5: A (the
+// rows' two levels); 6-7: B (the two panels' weights)
+__attribute__((target("amx-tile"))) void configure(int64_t rows) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = KT;
+    cfg.rows[t] = static_cast<uint8_t>(t >= 6 ? KT / 4 : rows);
+  }
+  asm volatile("" ::: "memory");  // ldtilecfg reads all 64 bytes; its asm names only the first 8
+  _tile_loadconfig(&cfg);
+}
+
+// the hardware prefetcher does not run far enough ahead of tile loads (a cold 16-row product
+// ran at a third of the copy bandwidth): each chunk's tiles fetch the next pair's same chunk
+inline void prefetch(const int8_t* at) {
+  for (int64_t line = 0; line < KT / 4 * P * 4; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(at + line), _MM_HINT_T1);
+}
+
+// int32 sums of `rows` rows (both levels) with one or two panels over k_pad; acc [4][16][16]
+__attribute__((target("amx-tile,amx-int8"))) void tile_block(const int8_t* q1, const int8_t* q2, int64_t k_pad,
+                                                             const int8_t* w0, const int8_t* w1, const int8_t* next,
+                                                             int32_t* acc) {
+  const int64_t ldw = P * 4, tile = KT / 4 * ldw;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t chunks = k_pad / KT;
+  for (int64_t kc = 0; kc < chunks; ++kc) {
+    if (next) {
+      prefetch(next + kc * tile);
+      prefetch(next + (chunks + kc) * tile);
+    }
+    _tile_loadd(4, q1 + kc * KT, k_pad);
+    _tile_loadd(5, q2 + kc * KT, k_pad);
+    _tile_loadd(6, w0 + kc * tile, ldw);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 5, 6);
+    if (w1) {
+      _tile_loadd(7, w1 + kc * tile, ldw);
+      _tile_dpbssd(2, 4, 7);
+      _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, acc, P * 4);
+  _tile_stored(1, acc + MR * P, P * 4);
+  if (w1) {
+    _tile_stored(2, acc + 2 * MR * P, P * 4);
+    _tile_stored(3, acc + 3 * MR * P, P * 4);
+  }
+}
+
+__attribute__((target("amx-tile"))) void release() { _tile_release(); }
+#endif
+
+// y[r, c] = ws[c] * xs[r] * (level 1 + level 2 / 254) + bias[c], for one panel's columns
+void finish(const int32_t* acc, int64_t rows, float* y, int64_t ldy, int64_t cols, const float* xs,
+            const float* ws, const float* bias) {
+#if defined(__AVX512F__)
+  if (cols == P) {  // a full panel: one vector per row
+    const __m512 w = _mm512_loadu_ps(ws), b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    const __m512 step = _mm512_set1_ps(1.f / L2);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 a1 = _mm512_cvtepi32_ps(_mm512_load_si512(acc + r * P));
+      const __m512 a2 = _mm512_cvtepi32_ps(_mm512_load_si512(acc + MR * P + r * P));
+      const __m512 sum = _mm512_fmadd_ps(a2, step, a1);
+      _mm512_storeu_ps(y + r * ldy, _mm512_fmadd_ps(_mm512_mul_ps(sum, _mm512_set1_ps(xs[r])), w, b));
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      // the vector path's operations, in its order
+      const float sum = std::fma(static_cast<float>(acc[MR * P + r * P + c]), 1.f / L2, static_cast<float>(acc[r * P + c]));
+      y[r * ldy + c] = std::fma(sum * xs[r], ws[c], bias ? bias[c] : 0.f);
+    }
+}
+
+// one row's values [i0, k) as the two levels (v = x / s), in scalar code
+void quantize_tail(const float* row, int64_t i0, int64_t k, float inv, int8_t* q1, int8_t* q2) {
+  for (int64_t i = i0; i < k; ++i) {
+    const float v = row[i] * inv, a = std::nearbyint(v);
+    q1[i] = static_cast<int8_t>(a);
+    q2[i] = static_cast<int8_t>(std::nearbyint((v - a) * L2));
+  }
+}
+
+// rows [M, K] float32 -> two int8 levels [M, k_pad] (zero past K) and a scale per row
+void quantize_rows(const float* x, int64_t m, int64_t k, int64_t k_pad, int8_t* q1, int8_t* q2, float* xs) {
+  std::memset(q1, 0, m * k_pad);
+  std::memset(q2, 0, m * k_pad);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * k;
+    int8_t *r1 = q1 + r * k_pad, *r2 = q2 + r * k_pad;
+    float top = 0.f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 vtop = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) vtop = _mm512_max_ps(vtop, _mm512_abs_ps(_mm512_loadu_ps(row + i)));
+    top = _mm512_reduce_max_ps(vtop);
+#endif
+    for (; i < k; ++i) top = std::max(top, std::fabs(row[i]));
+    const float s = top > 0.f ? top / 127.f : 1.f, inv = 1.f / s;
+    xs[r] = s;
+    i = 0;
+#if defined(__AVX512F__)
+    constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 vinv = _mm512_set1_ps(inv), step = _mm512_set1_ps(L2);
+    for (; i + 16 <= k; i += 16) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(row + i), vinv), a = _mm512_roundscale_ps(v, nearest);
+      const __m512 b = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, a), step), nearest);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(r1 + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(r2 + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(b)));
+    }
+#endif
+    quantize_tail(row, i, k, inv, r1, r2);
+  }
+}
+
+}  // namespace
+
+bool amx_available() {
+#if APAR_AMX
+  static std::once_flag once;
+  static bool granted = false;
+  std::call_once(once, [] { granted = request_amx(); });
+  return granted;
+#else
+  return false;
+#endif
+}
+
+// int8 weight [N, K] -> B tiles [ceil(N/16), K_pad/4, 64] (K_pad: K rounded up to 64), zero-padded.
+at::Tensor pack_panels_amx(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "pack_panels_amx: int8 [N, K]");
+  const int64_t n = weight.size(0), k = weight.size(1), np = (n + P - 1) / P, kp = round_up(k, KT);
+  auto padded = at::zeros({np * P, kp}, weight.options());
+  padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
+  return padded.view({np, P, kp / 4, 4}).permute({0, 2, 1, 3}).reshape({np, kp / 4, P * 4}).contiguous();
+}
+
+// x [M, K] float32 times AMX panels (pack_panels_amx) with per-column scales [N], + bias [N].
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, const float* bias,
+                      const float* scales) {
+  TORCH_CHECK(amx_available(), "amx_linear: this CPU or kernel grants no AMX tiles");
+  const int64_t m = x.size(0), k = x.size(1), kp = round_up(k, KT), np = panels.size(0);
+  TORCH_CHECK(panels.size(1) * 4 == kp && np * P >= n, "amx_linear: panels and rows disagree");
+  auto out = at::empty({m, n}, x.options());
+  std::vector<int8_t> q1(m * kp), q2(m * kp);
+  std::vector<float> xs(m);
+  quantize_rows(x.data_ptr<float>(), m, k, kp, q1.data(), q2.data(), xs.data());
+#if APAR_AMX
+  const int8_t* w = panels.data_ptr<int8_t>();
+  float* y = out.data_ptr<float>();
+  const int64_t panel_bytes = kp * P;
+  apar::parallel_range(0, (np + 1) / 2, 1, [&](int64_t pair0, int64_t pair1) {
+    alignas(64) int32_t acc[4 * MR * P];
+    int64_t configured = 0;
+    for (int64_t pair = pair0; pair < pair1; ++pair) {
+      const int64_t p = 2 * pair;
+      const int8_t* w0 = w + p * panel_bytes;
+      const int8_t* w1 = p + 1 < np ? w0 + panel_bytes : nullptr;
+      for (int64_t r0 = 0; r0 < m; r0 += MR) {
+        const int64_t rows = std::min(MR, m - r0);
+        if (rows != configured) configure(configured = rows);
+        const int8_t* next = r0 == 0 && p + 2 < np ? w0 + 2 * panel_bytes : nullptr;
+        tile_block(q1.data() + r0 * kp, q2.data() + r0 * kp, kp, w0, w1, next, acc);
+        for (int64_t j = 0; j < (w1 ? 2 : 1); ++j) {
+          const int64_t off = (p + j) * P, cols = std::min(P, n - off);
+          if (cols > 0)
+            finish(acc + j * 2 * MR * P, rows, y + r0 * n + off, n, cols, xs.data() + r0, scales + off,
+                   bias ? bias + off : nullptr);
+        }
+      }
+    }
+    if (configured) release();
+  });
+#endif
+  return out;
+}
