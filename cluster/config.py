@@ -75,6 +75,7 @@ class WorkerSection:
     max_ongoing_requests: int
     num_cpus: float
     num_gpus: float
+    stream_interval_s: float
 
 
 @dataclass
@@ -209,6 +210,7 @@ def _positive(cfg: ServeAppConfig) -> None:
         ("worker.max_ongoing_requests", cfg.worker.max_ongoing_requests > 0),
         ("worker.num_cpus", cfg.worker.num_cpus >= 0),
         ("worker.num_gpus", cfg.worker.num_gpus >= 0),
+        ("worker.stream_interval_s", cfg.worker.stream_interval_s >= 0),
         ("ingress.num_replicas", cfg.ingress.num_replicas > 0),
         ("ingress.max_ongoing_requests", cfg.ingress.max_ongoing_requests > 0),
         ("ingress.num_cpus", cfg.ingress.num_cpus >= 0),
@@ -271,8 +273,7 @@ def default_config_dict() -> dict[str, Any]:
 
 @functools.cache
 def _default_config() -> dict[str, Any]:
-    """cluster/default_config.yaml, with `model` and the engine section from EngineConfig's
-    defaults: the engine's defaults are stated once, in apar_worker/engine.py."""
+    """cluster/default_config.yaml; `model` and the engine section from EngineConfig (stated once)."""
     from apar_worker.engine import EngineConfig
 
     with open(DEFAULT_CONFIG_PATH, encoding="utf-8") as f:
