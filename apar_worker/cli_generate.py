@@ -43,7 +43,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=LINEAR_KERNELS,
         help="auto: float32 CPU linears in the C++ kernel (int8 on AMX tiles where the CPU has them), "
-        "else oneDNN-packed; native: no AMX; amx: insist on AMX for int8; plain: torch's own path",
+        "else oneDNN-packed; native: no AMX; amx: float32 and int8 on AMX tiles (float32 as bf16 hi+lo, ~1e-5); "
+        "plain: torch's own path",
     )
     p.add_argument(
         "--speculative-config",

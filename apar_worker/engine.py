@@ -71,8 +71,8 @@ class EngineConfig:
     cascade_attention: bool = True  # sibling branches attend their shared prefix once (cascade.py)
     native_kernels: bool = True  # C++ CPU decode attention built on first use (native.py); False: torch ops
     quantization: str | None = None  # None/"none": plain weights; "int8": apar_worker.quantization
-    # auto / plain / onednn / native / amx: how linears are packed (packed_linear.py; int8 on AMX
-    # tiles where auto finds them or amx asks: quantization.py)
+    # auto / plain / onednn / native / amx: how linears are packed (packed_linear.py; amx: float32
+    # as bf16 hi/lo AMX tiles; int8 on AMX tiles where auto finds them or amx asks: quantization.py)
     linear_kernel: str = "auto"
     lean_forward: bool = True  # Llama-style models with the native kernels: lean_forward.py; False: HF's
     # Speculative decoding for every request (None: only for requests that ask for it), as

@@ -18,8 +18,11 @@ with the native kernel where it built (and passes a probe), else oneDNN where to
 anywhere else (CUDA, fp16/bf16, int8 layers, a model handed in by the caller, which may still
 be training: packing drops the plain weights) it leaves the model as it is. `"plain"` never
 packs (the reference path); `"onednn"` and `"native"` pack any model they are given and error
-where they cannot. `"amx"` is the native kernel for float layers and AMX tiles for int8 ones
-(quantization.py; the engine errors where the CPU has none).
+where they cannot. `"amx"` (opt-in, where the CPU has AMX tiles; an error elsewhere) stores
+float32 weights as bfloat16 hi + lo tiles for csrc/amx_linear.cpp, whose products keep 16 of
+float32's 24 significant bits per operand (results within ~1e-5 of float32's): a step then costs
+the weight read at any row count up to 16, where the FMA panels pay 16 rows of multiply-adds.
+Int8 layers go on AMX tiles under `auto` too (quantization.py).
 """
 
 from __future__ import annotations
@@ -79,14 +82,17 @@ class PackedLinear(_Packed):
 
 
 class NativeLinear(_Packed):
-    """The weight as the native kernel's 16-column panels (csrc/skinny_linear.cpp)."""
+    """The weight as the native kernel's 16-column panels (csrc/skinny_linear.cpp), or with
+    `tiles` as AMX bfloat16 hi/lo tiles (csrc/amx_linear.cpp)."""
 
     KIND = "native"
 
-    def __init__(self, linear: nn.Linear, kernel, keep_weight: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, kernel, keep_weight: bool = False, tiles: bool = False) -> None:
         super().__init__(linear, keep_weight)
         self.kernel = kernel
-        self.panels = kernel.pack_panels(linear.weight.detach().contiguous())
+        self.KIND = "amx" if tiles else "native"
+        pack = kernel.pack_panels_amx if tiles else kernel.pack_panels
+        self.panels = pack(linear.weight.detach().contiguous())
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return self.kernel.skinny_linear(x2, self.panels, self.out_features, self.bias)
@@ -113,6 +119,14 @@ def native_error(device: torch.device, dtype: torch.dtype) -> str | None:
     return _probe(lambda lin: NativeLinear(lin, kernel))
 
 
+def amx_error(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if float32 layers run on AMX tiles here and agree with `F.linear`; else why not."""
+    problem = native_error(device, dtype)
+    if problem is None and not native_module().amx_available():
+        problem = "this CPU (or its OS) grants no AMX tiles"
+    return problem or _probe(lambda lin: NativeLinear(lin, native_module(), tiles=True))
+
+
 def onednn_error(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if packed oneDNN linears run here and agree with `F.linear`; else why not."""
     if device.type != "cpu":
@@ -128,10 +142,9 @@ def choose_kernel(kernel: str | None, param: torch.Tensor, owned: bool, native_o
     """The kernel `pack_model` uses: `auto` picks native, then oneDNN, then plain, silently (a
     default); `native` and `onednn` error where they cannot run."""
     kernel = parse_linear_kernel(kernel)
-    kernel = "native" if kernel == "amx" else kernel  # AMX tiles are an int8 path: float layers go native
     if kernel == "plain" or (kernel == "auto" and not owned):
         return "plain"
-    checks = {"native": native_error, "onednn": onednn_error}
+    checks = {"native": native_error, "onednn": onednn_error, "amx": amx_error}
     order = (kernel,) if kernel != "auto" else ("native", "onednn") if native_ok else ("onednn",)
     for name in order:
         problem = checks[name](param.device, param.dtype)
@@ -149,13 +162,16 @@ def pack_model(model: nn.Module, kernel: str | None, *, owned: bool = True, nati
     chosen = choose_kernel(kernel, next(model.parameters()), owned, native_ok)
     if chosen == "plain":
         return chosen
-    kernel_module = native_module() if chosen == "native" else None
+    kernel_module = native_module() if chosen in ("native", "amx") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         keep = linear is head
-        packed = NativeLinear(linear, kernel_module, keep) if kernel_module else PackedLinear(linear, keep)
+        if kernel_module is None:
+            packed = PackedLinear(linear, keep)
+        else:
+            packed = NativeLinear(linear, kernel_module, keep, tiles=chosen == "amx")
         setattr(parent, attr, packed)
     return chosen

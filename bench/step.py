@@ -258,6 +258,13 @@ def ratios(mode: dict) -> dict[str, Any]:
     return {"over_1_token": per_t, "one_token_over_floor": one / mode["floor_ms"] if one else None}
 
 
+def _amx() -> bool:
+    from apar_worker.native import native_module
+
+    kernel = native_module()
+    return kernel is not None and kernel.amx_available()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     path = model_dir(args.model)
     with torch_threads(args.threads):
@@ -270,6 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             modes.append(_mode(path, "int8", False, args, gbs))
             if modes[-1]["linear_kernel"] == "amx":  # and the FMA kernel's int8, same run
                 modes.append(_mode(path, "int8", False, args, gbs, kernel="native"))
+        if served["linear_kernel"] == "native" and _amx():  # float32 on AMX tiles (opt-in), same run
+            modes.append(_mode(path, None, False, args, gbs, kernel="amx"))
         hf = [] if args.no_hf else hf_rows(path, args.tokens, args.context, args.repeats)
     for mode in modes:
         mode["ratios"] = ratios(mode)

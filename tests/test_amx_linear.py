@@ -11,6 +11,7 @@ from torch import nn
 from apar_worker import quantization as q
 from apar_worker.engine import Engine, EngineConfig
 from apar_worker.native import native_module
+from apar_worker.packed_linear import NativeLinear
 from apar_worker.types import GenerateRequest, ModelLoadError, SamplingParams
 
 KERNEL = native_module()
@@ -94,3 +95,54 @@ def test_without_amx_auto_falls_back_and_amx_is_a_clear_error(monkeypatch):
     assert engine.linear_kernel != "amx" and not engine.runner.model.lm_head.tiles
     with pytest.raises(ModelLoadError, match="linear_kernel amx is unavailable: .*no AMX"):
         _engine("amx")
+
+
+@needs_amx
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 16, 33])
+@pytest.mark.parametrize("shape", [(16, 64), (97, 72), (48, 200)])
+def test_amx_float_layers_keep_float32_to_about_1e5(bias, rows, shape):
+    """bfloat16 hi + lo for weights and rows, three tile products: 16 significant bits per
+    operand, so within ~1e-5 of float32 where one bfloat16 product is off by ~1e-2."""
+    torch.manual_seed(rows)
+    out_features, in_features = shape
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    layer = NativeLinear(lin, KERNEL, tiles=True)
+    assert layer.panels.dtype == torch.bfloat16 and layer.panels.shape[0] == -(-out_features // 16)
+    x = torch.randn(rows, in_features)
+    want = lin(x)
+    got = layer(x)
+    assert (got - want).abs().max() < 2e-5 * want.abs().max()
+    one = x.bfloat16().float() @ lin.weight.detach().bfloat16().float().T + (lin.bias.detach() if bias else 0)
+    assert (one - want).abs().max() > 10 * (got - want).abs().max()  # far closer than plain bf16
+    assert torch.equal(layer(x[-1:]), got[-1:])  # alone: bit for bit what it got in a batch
+
+
+@needs_amx
+def test_engine_amx_packs_float_layers_on_tiles_and_decodes_like_native():
+    tok = make_tokenizer(control_tokens=False)
+
+    def run(kernel: str) -> tuple[Engine, list[list[int]]]:
+        cfg = EngineConfig(block_size=4, num_blocks=64, linear_kernel=kernel)
+        engine = Engine.from_model(make_model("llama", seed=5), tok, cfg)
+        reqs = [
+            GenerateRequest(
+                prompt_token_ids=[5 + i, 9, 11, 3 * i + 4], fork=False, sampling=SamplingParams(max_tokens=10)
+            )
+            for i in range(3)
+        ]
+        return engine, [list(o.branches[0].token_ids) for o in engine.generate(reqs)]
+
+    amx, got = run("amx")
+    assert amx.linear_kernel == "amx" and amx.runner.model.model.layers[0].mlp.up_proj.KIND == "amx"
+    assert amx.stats().free_blocks == amx.stats().total_blocks
+    native, want = run("native")
+    assert native.runner.model.model.layers[0].mlp.up_proj.KIND == "native"
+    assert got == want
+
+
+@needs_kernel
+def test_amx_for_float_layers_is_a_clear_error_without_amx(monkeypatch):
+    monkeypatch.setattr(KERNEL, "amx_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="linear_kernel amx is unavailable: .*no AMX"):
+        Engine.from_model(make_model("llama"), make_tokenizer(), EngineConfig(linear_kernel="amx"))

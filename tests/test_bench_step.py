@@ -31,9 +31,10 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
     assert "1-token step / bandwidth floor:" in text and "\nint8 (" in text
     data = json.loads(out.read_text())
     assert data["benchmark"] == "step" and data["bandwidth_gbs"] > 0
-    amx = data["modes"][2]["linear_kernel"] == "amx"  # then the FMA panels' int8 too, same run
-    assert [m["quantization"] for m in data["modes"]] == ["none", "none", "int8"] + ["int8"] * amx
-    assert [m["linear_kernel"] for m in data["modes"][2:]] == (["amx", "native"] if amx else ["native"])
+    amx = data["modes"][2]["linear_kernel"] == "amx"  # then the FMA panels' int8 and fp32 on AMX too
+    assert [m["quantization"] for m in data["modes"]] == ["none", "none", "int8"] + ["int8", "none"] * amx
+    kernels = [m["linear_kernel"] for m in data["modes"][2:]]
+    assert kernels == (["amx", "native", "amx"] if amx else ["native"])
     assert [m["linear_kernel"] for m in data["modes"][:2]] == ["native", "plain"]
     assert data["modes"][1]["attention"] == "torch"
     assert "fp32 (C++ linears, C++ attention)" in text and "fp32 (plain torch ops) weights:" in text

@@ -9,6 +9,11 @@
 // row is kept to about 2^-16 of its largest value (bfloat16 keeps 2^-9 of each value), and the
 // products are exact int32 sums. Unavailable (amx_available() false) where the CPU has no AMX-INT8
 // or the kernel does not grant the tile state; the FMA kernel then serves.
+//
+// Float32 layers (`linear_kernel: amx` only) run the same way in bfloat16 pieces: each weight
+// is stored as hi + lo (two bfloat16, 4 bytes as in float32), each row likewise, and a tile
+// product sums hi*hi + hi*lo + lo*hi in float32, so every operand keeps 16 of float32's 24
+// significant bits (results within ~1e-5 of float32's, relative to the output's largest value).
 #include <torch/extension.h>
 #include "spin_pool.h"
 
@@ -46,18 +51,20 @@ struct alignas(64) TileConfig {
 bool request_amx() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  if (!((d >> 24) & 1) || !((d >> 25) & 1)) return false;  // AMX-TILE, AMX-INT8
+  if (!((d >> 22) & 1) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;  // AMX-BF16, -TILE, -INT8
   constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 
-// tiles 0-3: C (panel 0 level 1, panel 0 level 2, panel 1 level 1, panel 1 level 2); 4-5: A (the
-// rows' two levels); 6-7: B (the two panels' weights)
-__attribute__((target("amx-tile"))) void configure(int64_t rows) {
+// every tile row is 64 bytes; tiles from `first_b` on are B tiles (16 rows), the rest C and A
+// tiles of `rows` rows. int8: 0-3 C (panel 0 level 1, panel 0 level 2, panel 1 level 1, panel 1
+// level 2), 4-5 A (the rows' two levels), 6-7 B (the two panels). bf16: 0-1 C (the two panels),
+// 2-3 A (the rows' hi and lo), 4-7 B (panel 0 hi, lo, panel 1 hi, lo).
+__attribute__((target("amx-tile"))) void configure(int64_t rows, int first_b) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = KT;
-    cfg.rows[t] = static_cast<uint8_t>(t >= 6 ? KT / 4 : rows);
+    cfg.rows[t] = static_cast<uint8_t>(t >= first_b ? 16 : rows);
   }
   asm volatile("" ::: "memory");  // ldtilecfg reads all 64 bytes; its asm names only the first 8
   _tile_loadconfig(&cfg);
@@ -65,9 +72,9 @@ __attribute__((target("amx-tile"))) void configure(int64_t rows) {
 
 // the hardware prefetcher does not run far enough ahead of tile loads (a cold 16-row product
 // ran at a third of the copy bandwidth): each chunk's tiles fetch the next pair's same chunk
-inline void prefetch(const int8_t* at) {
-  for (int64_t line = 0; line < KT / 4 * P * 4; line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(at + line), _MM_HINT_T1);
+inline void prefetch(const void* at, int64_t bytes = KT / 4 * P * 4) {
+  for (int64_t line = 0; line < bytes; line += 64)
+    _mm_prefetch(static_cast<const char*>(at) + line, _MM_HINT_T1);
 }
 
 // int32 sums of `rows` rows (both levels) with one or two panels over k_pad; acc [4][16][16]
@@ -105,7 +112,87 @@ __attribute__((target("amx-tile,amx-int8"))) void tile_block(const int8_t* q1, c
 }
 
 __attribute__((target("amx-tile"))) void release() { _tile_release(); }
+
+constexpr int64_t KB = 32;  // k per bfloat16 tile: 32 values of 2 bytes a row
+
+// float32 sums of `rows` rows (hi, lo) with one or two panels ([K/32][hi, lo][16 x 32] bf16); acc [2][16][16]
+__attribute__((target("amx-tile,amx-bf16"))) void tile_block_bf16(const uint16_t* hi, const uint16_t* lo,
+                                                                  int64_t k_pad, const uint16_t* w0,
+                                                                  const uint16_t* w1, const uint16_t* next,
+                                                                  float* acc) {
+  constexpr int64_t tile = 16 * KB;  // bf16 values in one B tile
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t kc = 0; kc < k_pad / KB; ++kc) {
+    if (next) {
+      prefetch(next + kc * 2 * tile, 4 * tile);  // the next pair's two tiles of this chunk, per panel
+      prefetch(next + (k_pad / KB + kc) * 2 * tile, 4 * tile);
+    }
+    _tile_loadd(2, hi + kc * KB, k_pad * 2);
+    _tile_loadd(3, lo + kc * KB, k_pad * 2);
+    _tile_loadd(4, w0 + kc * 2 * tile, 64);
+    _tile_loadd(5, w0 + kc * 2 * tile + tile, 64);
+    _tile_dpbf16ps(0, 3, 4);  // lo * hi, hi * lo, then hi * hi
+    _tile_dpbf16ps(0, 2, 5);
+    _tile_dpbf16ps(0, 2, 4);
+    if (w1) {
+      _tile_loadd(6, w1 + kc * 2 * tile, 64);
+      _tile_loadd(7, w1 + kc * 2 * tile + tile, 64);
+      _tile_dpbf16ps(1, 3, 6);
+      _tile_dpbf16ps(1, 2, 7);
+      _tile_dpbf16ps(1, 2, 6);
+    }
+  }
+  _tile_stored(0, acc, P * 4);
+  if (w1) _tile_stored(1, acc + MR * P, P * 4);
+}
 #endif
+
+// float32 -> bfloat16 bits, rounded to nearest even (what torch's .to(bfloat16) gives)
+inline uint16_t bf16_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+inline float float_of(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(__AVX512F__)
+inline __m512i bf16_bits(__m512 v) {  // bf16_of per lane, in the low 16 bits of each 32
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+}
+#endif
+
+// rows [M, K] float32 -> bfloat16 hi and lo [M, k_pad] (x ~= hi + lo; zero past K)
+void split_rows(const float* x, int64_t m, int64_t k, int64_t k_pad, uint16_t* hi, uint16_t* lo) {
+  std::memset(hi, 0, m * k_pad * 2);
+  std::memset(lo, 0, m * k_pad * 2);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * k;
+    uint16_t *h = hi + r * k_pad, *l = lo + r * k_pad;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= k; i += 16) {
+      const __m512 v = _mm512_loadu_ps(row + i);
+      const __m512i hb = bf16_bits(v);
+      const __m512i lb = bf16_bits(_mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(hb, 16))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + i), _mm512_cvtepi32_epi16(hb));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(l + i), _mm512_cvtepi32_epi16(lb));
+    }
+#endif
+    for (; i < k; ++i) {
+      h[i] = bf16_of(row[i]);
+      l[i] = bf16_of(row[i] - float_of(h[i]));
+    }
+  }
+}
 
 // y[r, c] = ws[c] * xs[r] * (level 1 + level 2 / 254) + bias[c], for one panel's columns
 void finish(const int32_t* acc, int64_t rows, float* y, int64_t ldy, int64_t cols, const float* xs,
@@ -185,10 +272,20 @@ bool amx_available() {
 #endif
 }
 
-// int8 weight [N, K] -> B tiles [ceil(N/16), K_pad/4, 64] (K_pad: K rounded up to 64), zero-padded.
+// int8 weight [N, K] -> B tiles [ceil(N/16), K_pad/4, 64] (K_pad: K rounded up to 64), zero-padded;
+// float32 weight -> bfloat16 B tiles [ceil(N/16), K_pad/32, 2 (hi, lo), 16, 32] (K_pad: to 32).
 at::Tensor pack_panels_amx(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "pack_panels_amx: int8 [N, K]");
-  const int64_t n = weight.size(0), k = weight.size(1), np = (n + P - 1) / P, kp = round_up(k, KT);
+  const bool int8 = weight.scalar_type() == at::kChar;
+  TORCH_CHECK(weight.dim() == 2 && (int8 || weight.scalar_type() == at::kFloat),
+              "pack_panels_amx: int8 or float32 [N, K]");
+  const int64_t n = weight.size(0), k = weight.size(1), np = (n + P - 1) / P, kp = round_up(k, int8 ? KT : KB);
+  if (!int8) {
+    auto padded = at::zeros({np * P, kp}, weight.options());
+    padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
+    const auto hi = padded.to(at::kBFloat16), lo = (padded - hi.to(at::kFloat)).to(at::kBFloat16);
+    auto tiles = [&](const at::Tensor& t) { return t.view({np, P, kp / KB, 16, 2}).permute({0, 2, 3, 1, 4}); };
+    return at::stack({tiles(hi), tiles(lo)}, 2).reshape({np, kp / KB, 2, 16, 2 * P}).contiguous();
+  }
   auto padded = at::zeros({np * P, kp}, weight.options());
   padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
   return padded.view({np, P, kp / 4, 4}).permute({0, 2, 1, 3}).reshape({np, kp / 4, P * 4}).contiguous();
@@ -217,7 +314,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, 
       const int8_t* w1 = p + 1 < np ? w0 + panel_bytes : nullptr;
       for (int64_t r0 = 0; r0 < m; r0 += MR) {
         const int64_t rows = std::min(MR, m - r0);
-        if (rows != configured) configure(configured = rows);
+        if (rows != configured) configure(configured = rows, 6);
         const int8_t* next = r0 == 0 && p + 2 < np ? w0 + 2 * panel_bytes : nullptr;
         tile_block(q1.data() + r0 * kp, q2.data() + r0 * kp, kp, w0, w1, next, acc);
         for (int64_t j = 0; j < (w1 ? 2 : 1); ++j) {
@@ -225,6 +322,44 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, 
           if (cols > 0)
             finish(acc + j * 2 * MR * P, rows, y + r0 * n + off, n, cols, xs.data() + r0, scales + off,
                    bias ? bias + off : nullptr);
+        }
+      }
+    }
+    if (configured) release();
+  });
+#endif
+  return out;
+}
+
+// x [M, K] float32 times bfloat16 AMX panels (pack_panels_amx of a float32 weight), + bias [N].
+at::Tensor amx_float_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, const float* bias) {
+  TORCH_CHECK(amx_available(), "amx_linear: this CPU or kernel grants no AMX tiles");
+  const int64_t m = x.size(0), k = x.size(1), kp = round_up(k, KB), np = panels.size(0);
+  TORCH_CHECK(panels.dim() == 5 && panels.size(1) * KB == kp && np * P >= n, "amx_linear: panels and rows disagree");
+  auto out = at::empty({m, n}, x.options());
+  std::vector<uint16_t> hi(m * kp), lo(m * kp);
+  split_rows(x.data_ptr<float>(), m, k, kp, hi.data(), lo.data());
+#if APAR_AMX
+  const auto* w = reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>());
+  float* y = out.data_ptr<float>();
+  const int64_t panel = kp * 2 * P;  // bf16 values of one panel (hi and lo)
+  apar::parallel_range(0, (np + 1) / 2, 1, [&](int64_t pair0, int64_t pair1) {
+    alignas(64) float acc[2 * MR * P];
+    int64_t configured = 0;
+    for (int64_t pair = pair0; pair < pair1; ++pair) {
+      const int64_t p = 2 * pair;
+      const uint16_t* w0 = w + p * panel;
+      const uint16_t* w1 = p + 1 < np ? w0 + panel : nullptr;
+      for (int64_t r0 = 0; r0 < m; r0 += MR) {
+        const int64_t rows = std::min(MR, m - r0);
+        if (rows != configured) configure(configured = rows, 4);
+        const uint16_t* next = r0 == 0 && p + 2 < np ? w0 + 2 * panel : nullptr;
+        tile_block_bf16(hi.data() + r0 * kp, lo.data() + r0 * kp, kp, w0, w1, next, acc);
+        for (int64_t j = 0; j < (w1 ? 2 : 1); ++j) {
+          const int64_t off = (p + j) * P, cols = std::min(P, n - off);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c)
+              y[(r0 + r) * n + off + c] = acc[j * MR * P + r * P + c] + (bias ? bias[off + c] : 0.f);
         }
       }
     }

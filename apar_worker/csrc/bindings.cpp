@@ -10,7 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up (CPU, float32)");
   m.def("pack_panels", &pack_panels, "a float32 or int8 [N, K] weight as [N/16, K, 16] panels");
   m.def("amx_available", &amx_available, "whether this CPU and kernel grant AMX int8 tiles (amx_linear.cpp)");
-  m.def("pack_panels_amx", &pack_panels_amx, "an int8 [N, K] weight as AMX B tiles [N/16, K/4, 64]");
+  m.def("pack_panels_amx", &pack_panels_amx, "an int8 (float32) [N, K] weight as AMX int8 (bfloat16 hi/lo) B tiles");
   m.def("skinny_linear", &skinny_linear, "x [M, K] times packed panels (x scales if int8), + bias (CPU)",
         py::arg("x"), py::arg("panels"), py::arg("n"), py::arg("bias") = py::none(), py::arg("scales") = py::none());
   m.def("decoder_layer", &decoder_layer, "one Llama decoder layer of an all-decode step (lean_layer.cpp)");

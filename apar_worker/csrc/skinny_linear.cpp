@@ -170,6 +170,12 @@ at::Tensor pack_panels(const at::Tensor& weight) {
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "skinny_linear: x must be float32 [M, K]");
+  if (panels.scalar_type() == at::kBFloat16) {  // a float32 weight as AMX bf16 hi/lo tiles (amx_linear.cpp)
+    TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->numel() == n && bias->scalar_type() == at::kFloat),
+                "skinny_linear: bias must be float32 [N]");
+    const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+    return amx_float_linear(x.contiguous(), panels.contiguous(), n, b.defined() ? b.data_ptr<float>() : nullptr);
+  }
   const bool int8 = panels.scalar_type() == at::kChar, amx = panels.dim() == 3 && panels.size(2) == 4 * P;
   TORCH_CHECK(panels.dim() == 3 && (panels.size(2) == P || (int8 && amx)) && panels.is_contiguous(),
               "skinny_linear: bad panels");
