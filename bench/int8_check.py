@@ -28,13 +28,17 @@ from bench.common import load_prompts
 
 
 def _engine(model: str, quantization: str | None, lm_head: bool):
-    """An engine on `model`, quantized here so that the lm_head choice can be measured too."""
+    """An engine on `model`, quantized here so that the lm_head choice can be measured too: on
+    the layers the engine serves int8 with (native panels, AMX tiles where the CPU has them)."""
     from apar_worker.engine import Engine, EngineConfig
     from apar_worker.model_runner import load_model_and_tokenizer
-    from apar_worker.quantization import quantize_model
+    from apar_worker.native import native_module
+    from apar_worker.quantization import native_int8_error, quantize_model
 
     hf_model, tokenizer = load_model_and_tokenizer(model, torch.device("cpu"), torch.float32)
-    quantize_model(hf_model, quantization, lm_head=lm_head)
+    kernel = native_module()
+    tiles = kernel is not None and native_int8_error(next(hf_model.parameters()), kernel, tiles=True) is None
+    quantize_model(hf_model, quantization, lm_head=lm_head, kernel=kernel, tiles=tiles)
     return Engine.from_model(hf_model, tokenizer, EngineConfig(model=model, max_model_len=2048))
 
 
