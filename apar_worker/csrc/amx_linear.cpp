@@ -113,6 +113,27 @@ __attribute__((target("amx-tile,amx-int8"))) void tile_block(const int8_t* q1, c
 
 __attribute__((target("amx-tile"))) void release() { _tile_release(); }
 
+// block(w0, w1, next, p, r0, rows) for every pair of panels p, p + 1 (w1 null past the last
+// panel; next: the following pair, to prefetch) and block of up to 16 rows from r0, pairs split
+// over the pool, tiles configured for `rows` (`first_b`: see configure). `panel`: W per panel.
+template <typename W, typename F>
+void over_pairs(const W* w, int64_t np, int64_t panel, int64_t m, int first_b, const F& block) {
+  apar::parallel_range(0, (np + 1) / 2, 1, [&](int64_t pair0, int64_t pair1) {
+    int64_t configured = 0;
+    for (int64_t pair = pair0; pair < pair1; ++pair) {
+      const int64_t p = 2 * pair;
+      const W* w0 = w + p * panel;
+      const W* w1 = p + 1 < np ? w0 + panel : nullptr;
+      for (int64_t r0 = 0; r0 < m; r0 += MR) {
+        const int64_t rows = std::min(MR, m - r0);
+        if (rows != configured) configure(configured = rows, first_b);
+        block(w0, w1, r0 == 0 && p + 2 < np ? w0 + 2 * panel : nullptr, p, r0, rows);
+      }
+    }
+    if (configured) release();
+  });
+}
+
 constexpr int64_t KB = 32;  // k per bfloat16 tile: 32 values of 2 bytes a row
 
 // float32 sums of `rows` rows (hi, lo) with one or two panels ([K/32][hi, lo][16 x 32] bf16); acc [2][16][16]
@@ -302,31 +323,18 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, 
   std::vector<float> xs(m);
   quantize_rows(x.data_ptr<float>(), m, k, kp, q1.data(), q2.data(), xs.data());
 #if APAR_AMX
-  const int8_t* w = panels.data_ptr<int8_t>();
   float* y = out.data_ptr<float>();
-  const int64_t panel_bytes = kp * P;
-  apar::parallel_range(0, (np + 1) / 2, 1, [&](int64_t pair0, int64_t pair1) {
-    alignas(64) int32_t acc[4 * MR * P];
-    int64_t configured = 0;
-    for (int64_t pair = pair0; pair < pair1; ++pair) {
-      const int64_t p = 2 * pair;
-      const int8_t* w0 = w + p * panel_bytes;
-      const int8_t* w1 = p + 1 < np ? w0 + panel_bytes : nullptr;
-      for (int64_t r0 = 0; r0 < m; r0 += MR) {
-        const int64_t rows = std::min(MR, m - r0);
-        if (rows != configured) configure(configured = rows, 6);
-        const int8_t* next = r0 == 0 && p + 2 < np ? w0 + 2 * panel_bytes : nullptr;
-        tile_block(q1.data() + r0 * kp, q2.data() + r0 * kp, kp, w0, w1, next, acc);
-        for (int64_t j = 0; j < (w1 ? 2 : 1); ++j) {
-          const int64_t off = (p + j) * P, cols = std::min(P, n - off);
-          if (cols > 0)
-            finish(acc + j * 2 * MR * P, rows, y + r0 * n + off, n, cols, xs.data() + r0, scales + off,
-                   bias ? bias + off : nullptr);
-        }
-      }
-    }
-    if (configured) release();
-  });
+  over_pairs(panels.data_ptr<int8_t>(), np, kp * P, m, 6,
+             [&](const int8_t* w0, const int8_t* w1, const int8_t* next, int64_t p, int64_t r0, int64_t rows) {
+               alignas(64) int32_t acc[4 * MR * P];
+               tile_block(q1.data() + r0 * kp, q2.data() + r0 * kp, kp, w0, w1, next, acc);
+               for (int64_t j = 0; j < (w1 ? 2 : 1); ++j) {
+                 const int64_t off = (p + j) * P, cols = std::min(P, n - off);
+                 if (cols > 0)
+                   finish(acc + j * 2 * MR * P, rows, y + r0 * n + off, n, cols, xs.data() + r0, scales + off,
+                          bias ? bias + off : nullptr);
+               }
+             });
 #endif
   return out;
 }
@@ -342,29 +350,17 @@ at::Tensor amx_float_linear(const at::Tensor& x, const at::Tensor& panels, int64
 #if APAR_AMX
   const auto* w = reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>());
   float* y = out.data_ptr<float>();
-  const int64_t panel = kp * 2 * P;  // bf16 values of one panel (hi and lo)
-  apar::parallel_range(0, (np + 1) / 2, 1, [&](int64_t pair0, int64_t pair1) {
-    alignas(64) float acc[2 * MR * P];
-    int64_t configured = 0;
-    for (int64_t pair = pair0; pair < pair1; ++pair) {
-      const int64_t p = 2 * pair;
-      const uint16_t* w0 = w + p * panel;
-      const uint16_t* w1 = p + 1 < np ? w0 + panel : nullptr;
-      for (int64_t r0 = 0; r0 < m; r0 += MR) {
-        const int64_t rows = std::min(MR, m - r0);
-        if (rows != configured) configure(configured = rows, 4);
-        const uint16_t* next = r0 == 0 && p + 2 < np ? w0 + 2 * panel : nullptr;
-        tile_block_bf16(hi.data() + r0 * kp, lo.data() + r0 * kp, kp, w0, w1, next, acc);
-        for (int64_t j = 0; j < (w1 ? 2 : 1); ++j) {
-          const int64_t off = (p + j) * P, cols = std::min(P, n - off);
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < cols; ++c)
-              y[(r0 + r) * n + off + c] = acc[j * MR * P + r * P + c] + (bias ? bias[off + c] : 0.f);
-        }
-      }
-    }
-    if (configured) release();
-  });
+  over_pairs(w, np, kp * 2 * P, m, 4,
+             [&](const uint16_t* w0, const uint16_t* w1, const uint16_t* next, int64_t p, int64_t r0, int64_t rows) {
+               alignas(64) float acc[2 * MR * P];
+               tile_block_bf16(hi.data() + r0 * kp, lo.data() + r0 * kp, kp, w0, w1, next, acc);
+               for (int64_t j = 0; j < (w1 ? 2 : 1); ++j) {
+                 const int64_t off = (p + j) * P, cols = std::min(P, n - off);
+                 for (int64_t r = 0; r < rows; ++r)
+                   for (int64_t c = 0; c < cols; ++c)
+                     y[(r0 + r) * n + off + c] = acc[j * MR * P + r * P + c] + (bias ? bias[off + c] : 0.f);
+               }
+             });
 #endif
   return out;
 }
