@@ -33,7 +33,7 @@ from apar_worker.model_runner import (
 from apar_worker.native import decode_kernel_for, native_module
 from apar_worker.output import request_output
 from apar_worker.packed_linear import pack_model, parse_linear_kernel
-from apar_worker.quantization import native_int8_error, parse_quantization, quantize_model
+from apar_worker.quantization import int8_tiles, parse_quantization, quantize_model
 from apar_worker.resume import rebuild_tree
 from apar_worker.sampling import make_generator, stream_key
 from apar_worker.scheduler import Scheduler, SchedulerConfig
@@ -46,7 +46,6 @@ from apar_worker.types import (
     FinishReason,
     GenerateRequest,
     InvalidRequestError,
-    ModelLoadError,
     RequestOutput,
 )
 
@@ -80,18 +79,6 @@ class EngineConfig:
     speculative: SpeculativeConfig | dict | str | None = None
 
 
-def _int8_tiles(model, config: EngineConfig, kernel) -> bool:
-    """Whether int8 layers go on AMX tiles: where `auto` finds them, or `amx` asks (an error
-    where they cannot run)."""
-    choice = parse_linear_kernel(config.linear_kernel)
-    if choice not in ("auto", "amx"):
-        return False
-    problem = native_int8_error(next(model.parameters()), kernel, tiles=True)
-    if problem is not None and choice == "amx":
-        raise ModelLoadError(f"linear_kernel amx is unavailable: {problem}")
-    return problem is None
-
-
 def _prepare_linears(model, config: EngineConfig, owned: bool) -> str:
     """Quantize (a no-op unless int8; on the native panels where native linears may run), then
     pack the float linears, in place; returns the kernel chosen (packed_linear.py), `amx`
@@ -102,7 +89,9 @@ def _prepare_linears(model, config: EngineConfig, owned: bool) -> str:
         and parse_linear_kernel(config.linear_kernel) != "plain"
     )  # the kernel is looked up (built on first use) only when int8 may run on it
     kernel = native_module() if native_int8 else None
-    tiles = parse_quantization(config.quantization) is not None and _int8_tiles(model, config, kernel)
+    tiles = parse_quantization(config.quantization) is not None and int8_tiles(
+        next(model.parameters()), kernel, parse_linear_kernel(config.linear_kernel)
+    )
     quantize_model(model, config.quantization, kernel=kernel, tiles=tiles)
     chosen = pack_model(model, config.linear_kernel, owned=owned, native_ok=config.native_kernels)
     return "amx" if tiles else chosen

@@ -159,6 +159,17 @@ def native_int8_error(param: torch.Tensor, kernel, tiles: bool = False) -> str |
     return None if err < 1e-3 else f"native int8 result is off by {err:.2g}"
 
 
+def int8_tiles(param: torch.Tensor, kernel, linear_kernel: str = "auto") -> bool:
+    """Whether int8 layers go on AMX tiles: where `auto` finds them, or `amx` asks (an error
+    where they cannot run); never for other `linear_kernel` choices."""
+    if linear_kernel not in ("auto", "amx"):
+        return False
+    problem = native_int8_error(param, kernel, tiles=True)
+    if problem is not None and linear_kernel == "amx":
+        raise ModelLoadError(f"linear_kernel amx is unavailable: {problem}")
+    return problem is None
+
+
 def int8_kernel_error(device: torch.device) -> str | None:
     """None if `_weight_int8pack_mm` runs on `device` and agrees with a plain matmul (within
     int8's error); else why not. A probe, not a version check: builds differ per device."""

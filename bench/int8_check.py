@@ -33,11 +33,11 @@ def _engine(model: str, quantization: str | None, lm_head: bool):
     from apar_worker.engine import Engine, EngineConfig
     from apar_worker.model_runner import load_model_and_tokenizer
     from apar_worker.native import native_module
-    from apar_worker.quantization import native_int8_error, quantize_model
+    from apar_worker.quantization import int8_tiles, quantize_model
 
     hf_model, tokenizer = load_model_and_tokenizer(model, torch.device("cpu"), torch.float32)
     kernel = native_module()
-    tiles = kernel is not None and native_int8_error(next(hf_model.parameters()), kernel, tiles=True) is None
+    tiles = int8_tiles(next(hf_model.parameters()), kernel)
     quantize_model(hf_model, quantization, lm_head=lm_head, kernel=kernel, tiles=tiles)
     return Engine.from_model(hf_model, tokenizer, EngineConfig(model=model, max_model_len=2048))
 

@@ -6,9 +6,10 @@ replica's KV blocks. `generate` streams the engine's items back to the ingress t
 streaming DeploymentHandle, one list per engine step (a Ray item per token would cap
 streamed throughput), or per `worker.stream_interval_s` while other requests run here (each
 Ray item costs milliseconds of CPU across the replica, the ingress and the proxy: at 16
-streams on 2 CPUs, 0.25 s gave 1.44x the output tokens/s of one item per step); the first item names the replica, so every event the client sees
-says where it was produced. The scheduler's LoadReporter publishes this replica's load and
-records which branches ran here (replica-side records in Redis: `ran:{request_id}`).
+streams on 2 CPUs, 0.25 s gave 1.44x the output tokens/s of one item per step); the first
+item names the replica, so every event the client sees says where it was produced. The
+scheduler's LoadReporter publishes this replica's load and records which branches ran here
+(replica-side records in Redis: `ran:{request_id}`).
 """
 
 from __future__ import annotations
