@@ -31,6 +31,7 @@ from apar_worker.model_runner import (
     pick_device,
 )
 from apar_worker.native import decode_kernel_for, native_module
+from apar_worker.omp import spin_warning
 from apar_worker.output import request_output
 from apar_worker.packed_linear import pack_model, parse_linear_kernel
 from apar_worker.quantization import int8_tiles, parse_quantization, quantize_model
@@ -123,6 +124,8 @@ class Engine:
         param = next(model.parameters())
         self.kv, kv_cache = self._make_kv(config, shape, param)
         native = decode_kernel_for(kv_cache.data, config.native_kernels)
+        if native is not None and (late := spin_warning()):
+            log.warning(late)
         self.runner = ModelRunner(model, kv_cache, config.cascade_attention, native, config.lean_forward)
         self.scheduler = Scheduler(
             self.kv,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from apar_worker.omp import user_env
 from bench.common import ROOT, BenchError
 from bench.openai_peer import Completion, PeerServer, post
 
@@ -75,7 +76,7 @@ class LlamaServer(PeerServer):
             "-t", str(self.threads), "-tb", str(self.threads), "-np", str(self.parallel),
             "-c", str(self.ctx_per_slot * self.parallel), "--no-webui", "--seed", "0",
         ]  # fmt: skip
-        return cmd + os.environ.get("APAR_LLAMACPP_ARGS", "").split(), dict(os.environ)
+        return cmd + os.environ.get("APAR_LLAMACPP_ARGS", "").split(), user_env()
 
     def generate(self, prompt_ids: list[int], max_tokens: int, timeout_s: float = 300) -> Completion:
         """Greedy, whole answer, with its token ids (llama.cpp's native /completion endpoint)."""

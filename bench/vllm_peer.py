@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from apar_worker.omp import user_env
 from bench.common import ROOT, BenchError
 from bench.openai_peer import Completion, PeerServer, complete
 
@@ -61,7 +62,7 @@ class VllmServer(PeerServer):
         py = vllm_python()
         if py is None:
             raise BenchError(skip_reason() or "vLLM missing")
-        env = dict(os.environ)
+        env = user_env()  # not the engine's shortened OpenMP spin (apar_worker/omp.py)
         env.pop("PYTHONPATH", None)  # never let the project's packages shadow the venv's
         env.update(
             VLLM_CPU_KVCACHE_SPACE="1",  # GiB; the default takes most of the machine's RAM
