@@ -52,7 +52,13 @@ inline void store(const float* acc, float* y, int64_t ldy, int64_t cols, const f
       y[r * ldy + c] = acc[r * P + c] * (scale ? scale[c] : 1.0f) + (bias ? bias[c] : 0.0f);
 }
 
+// A block multiplies R rows with C consecutive panels (they lie k_dim * P apart), so a step of
+// 1-4 rows keeps C * R fused multiply-add chains in flight instead of R: one chain per panel
+// waits ~4 cycles a k, which held a 1-row int8 product at twice its weight read. Each column
+// still sums its k in order in one chain: the same floats whatever C or the step's rows.
 #if defined(__AVX512F__)
+constexpr int group_for(int64_t rows) { return rows <= 4 ? 4 : rows <= 8 ? 2 : 1; }  // <= 16 accumulators
+
 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
 
 // 16 int8 weights widened to floats in a register: exact (|q| <= 127), one 16-byte load
@@ -61,24 +67,34 @@ inline __m512 load16(const int8_t* w) {
 }
 
 // Per lane the same fused multiply-adds in the same k order as the AVX2 block: same floats.
-template <typename W, int R>
+template <typename W, int R, int C>
 inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y, int64_t ldy,
                   int64_t cols, const float* scale, const float* bias, const W* pf) {
-  __m512 acc[R];
+  __m512 acc[C][R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[c][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
-    if (pf && (k * P * sizeof(W)) % 64 == 0) prefetch(pf + k * P);
-    const __m512 wv = load16(w + k * P);
+    if (pf && (k * P * sizeof(W)) % 64 == 0)
+      for (int c = 0; c < C; ++c) prefetch(pf + c * k_dim * P + k * P);
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = load16(w + c * k_dim * P + k * P);
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[r * ldx + k]), acc[r]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
+      for (int c = 0; c < C; ++c) acc[c][r] = _mm512_fmadd_ps(wv[c], xb, acc[c][r]);
+    }
   }
   alignas(64) float out[R * P];
+  for (int c = 0; c < C; ++c) {
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) _mm512_store_ps(out + r * P, acc[r]);
-  store<R>(out, y, ldy, cols, scale, bias);
+    for (int r = 0; r < R; ++r) _mm512_store_ps(out + r * P, acc[c][r]);
+    store<R>(out, y + c * P, ldy, c + 1 < C ? P : cols, scale ? scale + c * P : nullptr, bias ? bias + c * P : nullptr);
+  }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
+constexpr int group_for(int64_t rows) { return rows <= 2 ? 2 : 1; }  // <= 8 accumulators of 16
+
 inline void load16(const float* w, __m256& w0, __m256& w1) {
   w0 = _mm256_loadu_ps(w);
   w1 = _mm256_loadu_ps(w + 8);
@@ -91,36 +107,45 @@ inline void load16(const int8_t* w, __m256& w0, __m256& w1) {
   w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
 }
 
-template <typename W, int R>
+template <typename W, int R, int C>
 inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y, int64_t ldy,
                   int64_t cols, const float* scale, const float* bias, const W* pf) {
-  __m256 lo[R], hi[R];
+  __m256 lo[C][R], hi[C][R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) lo[c][r] = hi[c][r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
-    if (pf && (k * P * sizeof(W)) % 64 == 0) prefetch(pf + k * P);
-    __m256 w0, w1;
-    load16(w + k * P, w0, w1);
+    if (pf && (k * P * sizeof(W)) % 64 == 0)
+      for (int c = 0; c < C; ++c) prefetch(pf + c * k_dim * P + k * P);
+    __m256 w0[C], w1[C];
+    for (int c = 0; c < C; ++c) load16(w + c * k_dim * P + k * P, w0[c], w1[c]);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
-      lo[r] = _mm256_fmadd_ps(w0, xb, lo[r]);
-      hi[r] = _mm256_fmadd_ps(w1, xb, hi[r]);
+      for (int c = 0; c < C; ++c) {
+        lo[c][r] = _mm256_fmadd_ps(w0[c], xb, lo[c][r]);
+        hi[c][r] = _mm256_fmadd_ps(w1[c], xb, hi[c][r]);
+      }
     }
   }
   alignas(32) float acc[R * P];
+  for (int c = 0; c < C; ++c) {
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    _mm256_store_ps(acc + r * P, lo[r]);
-    _mm256_store_ps(acc + r * P + 8, hi[r]);
+    for (int r = 0; r < R; ++r) {
+      _mm256_store_ps(acc + r * P, lo[c][r]);
+      _mm256_store_ps(acc + r * P + 8, hi[c][r]);
+    }
+    store<R>(acc, y + c * P, ldy, c + 1 < C ? P : cols, scale ? scale + c * P : nullptr, bias ? bias + c * P : nullptr);
   }
-  store<R>(acc, y, ldy, cols, scale, bias);
 }
 #else  // portable: the same loop order, vectorised by the compiler where it can
-template <typename W, int R>
+constexpr int group_for(int64_t) { return 1; }
+
+template <typename W, int R, int C>
 inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y, int64_t ldy,
                   int64_t cols, const float* scale, const float* bias, const W* pf) {
   (void)pf;
+  static_assert(C == 1, "the portable block takes one panel");
   float acc[R * P] = {};
   for (int64_t k = 0; k < k_dim; ++k)
     for (int r = 0; r < R; ++r)
@@ -129,18 +154,21 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float*
 }
 #endif
 
-// block<W, rows> for a run-time row count in [1, MB]
+// block<W, rows, C> for a run-time row count in [1, MB]; `group`: group_for(rows) panels or 1
 template <typename W, int R = 1>
-inline void block_of(int64_t rows, const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y,
+inline void block_of(int64_t rows, int group, const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y,
                      int64_t ldy, int64_t cols, const float* scale, const float* bias, const W* pf) {
   if constexpr (R < MB) {
-    if (rows > R) return block_of<W, R + 1>(rows, x, ldx, w, k_dim, y, ldy, cols, scale, bias, pf);
+    if (rows > R) return block_of<W, R + 1>(rows, group, x, ldx, w, k_dim, y, ldy, cols, scale, bias, pf);
   }
-  block<W, R>(x, ldx, w, k_dim, y, ldy, cols, scale, bias, pf);
+  constexpr int G = group_for(R);
+  if (G > 1 && group == G) return block<W, R, G>(x, ldx, w, k_dim, y, ldy, cols, scale, bias, pf);
+  block<W, R, 1>(x, ldx, w, k_dim, y, ldy, cols, scale, bias, pf);
 }
 
+// `group` consecutive panels (group_for(m_dim) or 1; cols: the last one's columns) times m_dim rows
 template <typename W>
-void panel(const float* x, int64_t m_dim, int64_t k_dim, const W* w, float* y, int64_t n_dim,
+void panel(const float* x, int64_t m_dim, int64_t k_dim, const W* w, float* y, int64_t n_dim, int group,
            int64_t cols, const float* scale, const float* bias, const W* pf) {
   // rows split evenly over the fewest blocks of at most MB (AVX2, 16 rows: 6 + 5 + 5, not 6 + 6 +
   // 4): a block of R rows keeps R (AVX-512) or 2R (AVX2) FMA chains in flight, and fewer than
@@ -150,7 +178,7 @@ void panel(const float* x, int64_t m_dim, int64_t k_dim, const W* w, float* y, i
     const int64_t rows = (m_dim - m0) / (blocks - b);
     const float* xs = x + m0 * k_dim;
     float* ys = y + m0 * n_dim;
-    block_of<W>(rows, xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias, b == 0 ? pf : nullptr);
+    block_of<W>(rows, group, xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias, b == 0 ? pf : nullptr);
     m0 += rows;
   }
 }
@@ -159,8 +187,8 @@ void panel(const float* x, int64_t m_dim, int64_t k_dim, const W* w, float* y, i
 // them once each, so the panel is widened once into a per-thread float buffer (cache, not
 // memory) and multiplied as a float panel. Both give the same floats in the same order.
 void panel_int8(const float* x, int64_t m_dim, int64_t k_dim, const int8_t* w, float* y, int64_t n_dim,
-                int64_t cols, const float* scale, const float* bias, const int8_t* pf) {
-  if (m_dim <= MB) return panel<int8_t>(x, m_dim, k_dim, w, y, n_dim, cols, scale, bias, pf);
+                int group, int64_t cols, const float* scale, const float* bias, const int8_t* pf) {
+  if (m_dim <= MB) return panel<int8_t>(x, m_dim, k_dim, w, y, n_dim, group, cols, scale, bias, pf);
   thread_local std::vector<float> wide;
   wide.resize(static_cast<size_t>(k_dim * P));
   for (int64_t i0 = 0; i0 < k_dim * P; i0 += 64) {  // a cache line at a time (k_dim * P: 16s)
@@ -168,7 +196,7 @@ void panel_int8(const float* x, int64_t m_dim, int64_t k_dim, const int8_t* w, f
     const int64_t i1 = std::min(k_dim * P, i0 + 64);
     for (int64_t i = i0; i < i1; ++i) wide[i] = static_cast<float>(w[i]);
   }
-  panel<float>(x, m_dim, k_dim, wide.data(), y, n_dim, cols, scale, bias, nullptr);
+  panel<float>(x, m_dim, k_dim, wide.data(), y, n_dim, 1, cols, scale, bias, nullptr);  // group: 1 here
 }
 
 }  // namespace
@@ -217,18 +245,21 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t 
   if (amx) return amx_linear(xc, panels, n, bp, sp);  // int8 as AMX B tiles (amx_linear.cpp)
   auto out = at::empty({m, n}, xc.options());
   float* yp = out.data_ptr<float>();
+  const int want = m <= MB ? group_for(m) : 1;  // panels per register block
   apar::parallel_range(0, np, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t cols = std::min(P, n - p * P), off = p * P;
+    for (int64_t p = p0; p < p1;) {
+      const int g = p + want <= p1 ? want : 1;  // the thread's last few panels one at a time
+      const int64_t cols = std::min(P, n - (p + g - 1) * P), off = p * P;
       const float* bias_p = bp ? bp + off : nullptr;
-      const bool next = p + 1 < p1;  // this thread's next panel: fetched while this one computes
+      const bool next = p + g < p1;  // this thread's next panels: fetched while these compute
       if (int8) {
         const int8_t* w = panels.data_ptr<int8_t>() + p * k * P;
-        panel_int8(xp, m, k, w, yp + off, n, cols, sp + off, bias_p, next ? w + k * P : nullptr);
+        panel_int8(xp, m, k, w, yp + off, n, g, cols, sp + off, bias_p, next ? w + g * k * P : nullptr);
       } else {
         const float* w = panels.data_ptr<float>() + p * k * P;
-        panel<float>(xp, m, k, w, yp + off, n, cols, nullptr, bias_p, next ? w + k * P : nullptr);
+        panel<float>(xp, m, k, w, yp + off, n, g, cols, nullptr, bias_p, next ? w + g * k * P : nullptr);
       }
+      p += g;
     }
   });
   return out;
