@@ -187,7 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets.update(run_cluster(names, srv.address, srv.http_address, fork, prompts, args))
     if ENGINE in wanted:
         print("twin on our engine in this process (no Ray Serve, no gRPC) ...", flush=True)
-        target = EngineTarget(str(twin_dir), fork=False, timeout_s=args.timeout)
+        quant = None if getattr(args, "quantization", "none") == "none" else args.quantization
+        threads = max(1, round(getattr(args, "worker_cpus", 1)))  # the replica's threads and weights
+        target = EngineTarget(str(twin_dir), False, args.timeout, threads, quant)
         try:
             target(prompts[0], 8)
             targets[ENGINE] = run_target(ENGINE, target, prompts, args)

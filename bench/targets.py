@@ -136,7 +136,9 @@ class HttpTarget:
 class EngineTarget:
     """Our engine in this process (AsyncEngine on its own event loop): the cluster's cost left out."""
 
-    def __init__(self, model: str, fork: bool, timeout_s: float):
+    def __init__(
+        self, model: str, fork: bool, timeout_s: float, threads: int = 1, quantization: str | None = None
+    ):
         import asyncio
 
         import torch
@@ -144,8 +146,10 @@ class EngineTarget:
         from apar_worker.async_engine import AsyncEngine
         from apar_worker.engine import EngineConfig
 
-        torch.set_num_threads(1)  # as in a worker replica (Ray gives a 1-CPU actor one thread)
-        cfg = EngineConfig(model=model, device="cpu", kv_cache_memory_mb=128, max_num_seqs=128)
+        torch.set_num_threads(threads)  # as in a worker replica (Ray gives an n-CPU actor n threads)
+        cfg = EngineConfig(
+            model=model, device="cpu", kv_cache_memory_mb=128, max_num_seqs=128, quantization=quantization
+        )
         self.fork, self.timeout_s = fork, timeout_s
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="bench-engine-loop").start()

@@ -86,6 +86,35 @@ def test_the_kernels_thread_pool_gives_the_same_floats_from_any_thread_and_under
 
 
 @needs_kernel
+def test_parts_a_descheduled_worker_never_began_are_taken_by_the_caller_with_the_same_floats():
+    """With a busy process on the machine the pool's workers often start late; the caller then
+    runs their parts itself (spin_pool.h `take`): no call waits out or loses a part, and every
+    result is still what one thread computes."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(4)
+    panels = KERNEL.pack_panels(torch.randn(600, 64))
+    x = torch.randn(5, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = KERNEL.skinny_linear(x, panels, 600)
+        torch.set_num_threads(2)
+        spin = "print('busy', flush=True)\nwhile True: pass"
+        hog = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
+        try:
+            assert hog.stdout.readline().strip() == "busy"
+            outs = [KERNEL.skinny_linear(x, panels, 600) for _ in range(3000)]
+        finally:
+            hog.kill()
+            hog.wait(timeout=10)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, want) for o in outs)
+
+
+@needs_kernel
 def test_the_native_kernel_refuses_bad_shapes_with_a_clear_error():
     panels = KERNEL.pack_panels(torch.randn(40, 64))
     with pytest.raises(RuntimeError, match="shapes disagree"):

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -66,20 +67,23 @@ class SpinPool {
     end_ = end;
     chunks_ = std::min<int64_t>(chunks, threads_);
     error_ = nullptr;
-    pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    remaining_.store(static_cast<int>(chunks_), std::memory_order_relaxed);
+    for (int i = 0; i < threads_; ++i)  // release: whoever takes a part sees this job's fields
+      open_[i].store(i < chunks_ ? 1 : 0, std::memory_order_release);
     gen_.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(sleep_mu_);
       wake_.notify_all();
     }
-    work(0);
-    while (pending_.load(std::memory_order_acquire) > 0) APAR_PAUSE();
+    for (int64_t i = 0; i < chunks_; ++i) take(i);  // its own part, then any no worker has begun
+    while (remaining_.load(std::memory_order_acquire) > 0) APAR_PAUSE();
     in_pool() = false;
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
-  explicit SpinPool(int threads) : threads_(threads), pid_(getpid()) {
+  explicit SpinPool(int threads) : threads_(threads), pid_(getpid()), open_(new std::atomic<int>[threads]) {
+    for (int i = 0; i < threads; ++i) open_[i].store(0);
     for (int i = 1; i < threads; ++i) {
       workers_.emplace_back([this, i] { loop(i); });
       workers_.back().detach();
@@ -90,6 +94,15 @@ class SpinPool {
   static bool& in_pool() {
     thread_local bool flag = false;
     return flag;
+  }
+
+  // runs `part` if no one has taken it yet (its worker, or the caller on behalf of a worker the
+  // OS has not scheduled: on 2 vCPUs shared with other processes a region would otherwise wait
+  // out the descheduled thread's time slice, milliseconds, for a part of tens of microseconds)
+  void take(int64_t part) {
+    if (open_[part].exchange(0, std::memory_order_acq_rel) != 1) return;
+    work(part);
+    remaining_.fetch_sub(1, std::memory_order_acq_rel);
   }
 
   void work(int64_t part) {
@@ -112,8 +125,7 @@ class SpinPool {
       uint64_t g = wait_for_job(seen);
       if (stopping_.load(std::memory_order_acquire)) return;
       seen = g;
-      work(part);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+      take(part);  // if the job it saw has ended, the part it takes is the next one's, read after
     }
   }
 
@@ -146,7 +158,8 @@ class SpinPool {
   std::mutex run_mu_, sleep_mu_;
   std::condition_variable wake_;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int> pending_{0}, sleepers_{0};
+  std::unique_ptr<std::atomic<int>[]> open_;  // per part: 1 while no one has taken it
+  std::atomic<int> remaining_{0}, sleepers_{0};
   std::atomic<bool> stopping_{false};
   const Fn* job_ = nullptr;
   int64_t begin_ = 0, end_ = 0, chunks_ = 0;
