@@ -10,6 +10,8 @@ return to the pool.
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -20,9 +22,19 @@ from apar_worker.types import BranchEvent, EngineStats, GenerateRequest, Request
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _freeze_startup_objects() -> None:
+    """Move what exists after the first engine's start (model, tokenizer, libraries) out of the
+    garbage collector's sight, as vLLM's engine does: a serving process keeps them for its life,
+    and full collections traversing them took ~6 % of an int8 batch-1 step's CPU. Once per
+    process; later objects are collected as usual."""
+    gc.freeze()
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, *, engine: Engine | None = None) -> None:
         self.engine = engine or Engine(config)
+        _freeze_startup_objects()
         self._lock = threading.Lock()  # one thread touches the engine at a time
         self._wake = threading.Event()
         self._stopped = False
