@@ -125,6 +125,7 @@ def test_serve_generate_ctrl_c(tmp_path):
         assert status.returncode == 0, status.stderr
         assert ": ok" in status.stdout and "1 worker replica(s)" in status.stdout
         _check_redis_is_private_and_supervised(grpc_port, redis_url, tmp_path / "serve.log")
+        assert _replica_niceness() == {0}, "local mode runs its replicas at nice 0, not Ray's 15"
     finally:
         started = time.monotonic()
         rc = stop_serve(proc)
@@ -137,6 +138,22 @@ def test_serve_generate_ctrl_c(tmp_path):
     assert not state_file(grpc_port).exists()
     down = _apar("generate", "--server", f"127.0.0.1:{grpc_port}", "--prompt", "Hello!")
     assert down.returncode == 1 and "unavailable" in down.stderr
+
+
+def _replica_niceness() -> set[int]:
+    """Niceness of the worker replicas started by an `apar serve` (their environment carries
+    the RAY_worker_niceness it set); replicas of other clusters are left out."""
+    out = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"AparWorker" not in (proc / "cmdline").read_bytes():
+                continue
+            if b"RAY_worker_niceness=0" not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            out.add(os.getpriority(os.PRIO_PROCESS, int(proc.name)))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _redis_pid(port: int) -> int:
