@@ -60,6 +60,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "grpc": {"request_timeout_s": 120},
         },
         "rayCluster": {
+            "env": [{"name": "RAY_worker_niceness", "value": "5"}],
             "workers": {
                 "gpus": 1,
                 "image": {"tag": "0.1.0-cu128"},
@@ -345,6 +346,13 @@ def test_production_defaults_on_every_pod(name: str, rendered) -> None:
             assert c.get("readinessProbe") and c.get("livenessProbe"), f"{name}: {pod_name}/{c['name']}"
     worker = pods["ray-worker"]["spec"]["containers"][0]
     assert worker["readinessProbe"]["grpc"]["port"] == worker["ports"][1]["containerPort"]  # gRPC health
+
+
+def test_ray_pods_run_replicas_at_nice_0_unless_the_values_say_otherwise(rendered) -> None:
+    for name, want in (("default", "0"), ("gpu-autoscaling", "5")):
+        for tpl in pod_templates(one(rendered[name], "RayService")).values():
+            env = [e for e in tpl["spec"]["containers"][0]["env"] if e["name"] == "RAY_worker_niceness"]
+            assert [e["value"] for e in env] == [want], (name, env)  # once: the values' own wins
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))

@@ -167,6 +167,13 @@ Keys Helm drops when a user sets them to null are put back as null.
   value: /tmp/.nv
 - name: TRITON_CACHE_DIR
   value: /tmp/.triton
+{{- $niceness := false }}
+{{- range .Values.rayCluster.env }}{{ if eq .name "RAY_worker_niceness" }}{{ $niceness = true }}{{ end }}{{ end }}
+{{- if not $niceness }}
+# Ray starts replicas at nice 15; the engine is the pod's workload (as in `apar serve`).
+- name: RAY_worker_niceness
+  value: "0"
+{{- end }}
 {{- with .Values.rayCluster.env }}
 {{ toYaml . }}
 {{- end }}
