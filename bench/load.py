@@ -143,6 +143,12 @@ def run_cluster(
     return out
 
 
+def _quantization(args) -> str | None:
+    """Our engine's weights, as EngineConfig takes them (None: plain)."""
+    q = getattr(args, "quantization", "none")
+    return None if q == "none" else q
+
+
 def serve_config(model: str, args) -> dict[str, Any]:
     """One worker replica on one core: the same footprint as the one vLLM engine process."""
     return {
@@ -152,7 +158,7 @@ def serve_config(model: str, args) -> dict[str, Any]:
             "kv_cache_memory_mb": 128,
             "max_num_seqs": 128,
             "speculative": getattr(args, "speculative", None),
-            "quantization": None if getattr(args, "quantization", "none") == "none" else args.quantization,
+            "quantization": _quantization(args),
         },
         "limits": {"max_tokens": 2048},
         "worker": {
@@ -187,9 +193,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets.update(run_cluster(names, srv.address, srv.http_address, fork, prompts, args))
     if ENGINE in wanted:
         print("twin on our engine in this process (no Ray Serve, no gRPC) ...", flush=True)
-        quant = None if getattr(args, "quantization", "none") == "none" else args.quantization
         threads = max(1, round(getattr(args, "worker_cpus", 1)))  # the replica's threads and weights
-        target = EngineTarget(str(twin_dir), False, args.timeout, threads, quant)
+        target = EngineTarget(str(twin_dir), False, args.timeout, threads, _quantization(args))
         try:
             target(prompts[0], 8)
             targets[ENGINE] = run_target(ENGINE, target, prompts, args)

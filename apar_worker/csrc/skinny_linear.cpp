@@ -154,7 +154,8 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float*
 }
 #endif
 
-// block<W, rows, C> for a run-time row count in [1, MB]; `group`: group_for(rows) panels or 1
+// block<W, rows, C> for a run-time row count in [1, MB] over `group` consecutive panels: one
+// block of group_for(rows) panels where that is the group, else one panel at a time
 template <typename W, int R = 1>
 inline void block_of(int64_t rows, int group, const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y,
                      int64_t ldy, int64_t cols, const float* scale, const float* bias, const W* pf) {
@@ -163,7 +164,11 @@ inline void block_of(int64_t rows, int group, const float* x, int64_t ldx, const
   }
   constexpr int G = group_for(R);
   if (G > 1 && group == G) return block<W, R, G>(x, ldx, w, k_dim, y, ldy, cols, scale, bias, pf);
-  block<W, R, 1>(x, ldx, w, k_dim, y, ldy, cols, scale, bias, pf);
+  for (int c = 0; c < group; ++c) {
+    const int64_t off = c * k_dim * P;
+    block<W, R, 1>(x, ldx, w + off, k_dim, y + c * P, ldy, c + 1 < group ? P : cols, scale ? scale + c * P : nullptr,
+                   bias ? bias + c * P : nullptr, pf ? pf + off : nullptr);
+  }
 }
 
 // `group` consecutive panels (group_for(m_dim) or 1; cols: the last one's columns) times m_dim rows
