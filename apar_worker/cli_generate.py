@@ -42,9 +42,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "--linear-kernel",
         default="auto",
         choices=LINEAR_KERNELS,
-        help="auto: float32 CPU linears in the C++ kernel (int8 on AMX tiles where the CPU has them), "
-        "else oneDNN-packed; native: no AMX; amx: float32 and int8 on AMX tiles (float32 as bf16 hi+lo, ~1e-5); "
-        "plain: torch's own path",
+        help="auto: float32 CPU linears in the C++ kernel (int8 on AMX tiles, else with bfloat16 rows on "
+        "AVX512_BF16), else oneDNN-packed; native: int8 with float32 rows; amx: float32 and int8 on AMX tiles "
+        "(float32 as bf16 hi+lo, ~1e-5); bf16: int8 with bfloat16 rows; plain: torch's own path",
     )
     p.add_argument(
         "--speculative-config",

@@ -34,7 +34,7 @@ from apar_worker.native import decode_kernel_for, native_module
 from apar_worker.omp import spin_warning
 from apar_worker.output import request_output
 from apar_worker.packed_linear import pack_model, parse_linear_kernel
-from apar_worker.quantization import int8_tiles, parse_quantization, quantize_model
+from apar_worker.quantization import NativeInt8Linear, int8_layout, parse_quantization, quantize_model
 from apar_worker.resume import rebuild_tree
 from apar_worker.sampling import make_generator, stream_key
 from apar_worker.scheduler import Scheduler, SchedulerConfig
@@ -47,6 +47,7 @@ from apar_worker.types import (
     FinishReason,
     GenerateRequest,
     InvalidRequestError,
+    ModelLoadError,
     RequestOutput,
 )
 
@@ -71,8 +72,9 @@ class EngineConfig:
     cascade_attention: bool = True  # sibling branches attend their shared prefix once (cascade.py)
     native_kernels: bool = True  # C++ CPU decode attention built on first use (native.py); False: torch ops
     quantization: str | None = None  # None/"none": plain weights; "int8": apar_worker.quantization
-    # auto / plain / onednn / native / amx: how linears are packed (packed_linear.py; amx: float32
-    # as bf16 hi/lo AMX tiles; int8 on AMX tiles where auto finds them or amx asks: quantization.py)
+    # auto / plain / onednn / native / amx / bf16: how linears are packed (packed_linear.py; amx:
+    # float32 as bf16 hi/lo AMX tiles; int8 on AMX tiles, else with bfloat16 rows (AVX512_BF16),
+    # where auto finds them or amx / bf16 asks; native: int8 with float32 rows: quantization.py)
     linear_kernel: str = "auto"
     lean_forward: bool = True  # Llama-style models with the native kernels: lean_forward.py; False: HF's
     # Speculative decoding for every request (None: only for requests that ask for it), as
@@ -81,21 +83,21 @@ class EngineConfig:
 
 
 def _prepare_linears(model, config: EngineConfig, owned: bool) -> str:
-    """Quantize (a no-op unless int8; on the native panels where native linears may run), then
-    pack the float linears, in place; returns the kernel chosen (packed_linear.py), `amx`
-    where int8 layers run on AMX tiles."""
-    native_int8 = (
-        parse_quantization(config.quantization) is not None
-        and config.native_kernels
-        and parse_linear_kernel(config.linear_kernel) != "plain"
-    )  # the kernel is looked up (built on first use) only when int8 may run on it
-    kernel = native_module() if native_int8 else None
-    tiles = parse_quantization(config.quantization) is not None and int8_tiles(
-        next(model.parameters()), kernel, parse_linear_kernel(config.linear_kernel)
+    """Quantize (a no-op unless int8; on the native kernels where they may run), then pack the
+    float linears, in place; returns the kernel chosen (packed_linear.py), `amx` or `bf16`
+    where int8 layers run on AMX tiles or take bfloat16 rows."""
+    int8 = parse_quantization(config.quantization) is not None
+    linear_kernel = parse_linear_kernel(config.linear_kernel)
+    if linear_kernel == "bf16" and not int8:
+        raise ModelLoadError("linear_kernel bf16 gives int8 layers bfloat16 rows: it needs quantization int8")
+    native_int8 = int8 and config.native_kernels and linear_kernel != "plain"
+    kernel = native_module() if native_int8 else None  # looked up (built on first use) only if used
+    layout = int8_layout(next(model.parameters()), kernel, linear_kernel) if int8 else "panels"
+    on_native = quantize_model(model, config.quantization, kernel=kernel, layout=layout) > 0 and any(
+        isinstance(m, NativeInt8Linear) for m in model.modules()
     )
-    quantize_model(model, config.quantization, kernel=kernel, tiles=tiles)
     chosen = pack_model(model, config.linear_kernel, owned=owned, native_ok=config.native_kernels)
-    return "amx" if tiles else chosen
+    return {"amx": "amx", "pairs": "bf16"}.get(layout, "native") if on_native else chosen
 
 
 class Engine:

@@ -30,6 +30,7 @@ SOURCES = [
         "paged_decode.cpp",
         "skinny_linear.cpp",
         "amx_linear.cpp",
+        "bf16_rows.cpp",
         "decoder_ops.cpp",
         "lean_layer.cpp",
     )
@@ -41,7 +42,9 @@ def _cpu_flags() -> list[str]:
         flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
     except (OSError, IndexError):
         return []
-    return [f"-m{f}" for f in ("avx2", "fma", "f16c", "avx512f") if f in flags]
+    names = {"avx512_bf16": "avx512bf16"}  # /proc/cpuinfo's name -> the compiler's
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+    return [f"-m{names.get(f, f)}" for f in wanted if f in flags]
 
 
 def decode_kernel_for(cache: torch.Tensor, enabled: bool = True) -> Any | None:

@@ -144,7 +144,8 @@ def choose_kernel(kernel: str | None, param: torch.Tensor, owned: bool, native_o
     kernel = parse_linear_kernel(kernel)
     if kernel == "plain" or (kernel == "auto" and not owned):
         return "plain"
-    checks = {"native": native_error, "onednn": onednn_error, "amx": amx_error}
+    # bf16 is int8's (quantization.py): the float layers int8 leaves (if any) take the panels
+    checks = {"native": native_error, "onednn": onednn_error, "amx": amx_error, "bf16": native_error}
     order = (kernel,) if kernel != "auto" else ("native", "onednn") if native_ok else ("onednn",)
     for name in order:
         problem = checks[name](param.device, param.dtype)
@@ -162,7 +163,7 @@ def pack_model(model: nn.Module, kernel: str | None, *, owned: bool = True, nati
     chosen = choose_kernel(kernel, next(model.parameters()), owned, native_ok)
     if chosen == "plain":
         return chosen
-    kernel_module = native_module() if chosen in ("native", "amx") else None
+    kernel_module = native_module() if chosen in ("native", "amx", "bf16") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:

@@ -107,26 +107,45 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class NativeInt8Linear(nn.Module):
-    """Int8 weights as the native kernel's panels, per-channel scales and bias in float32."""
+INT8_LAYOUTS = ("panels", "pairs", "amx")  # NativeInt8Linear's weight layouts, by kernel
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel, tiles: bool = False) -> None:
+
+class NativeInt8Linear(nn.Module):
+    """Int8 weights in one of the native kernels' layouts, per-channel scales and bias in
+    float32. `panels`: FMA panels [N/16, K, 16], float32 rows (skinny_linear.cpp); `pairs`:
+    k-pair panels [N/16, K/2, 32], bfloat16 rows (bf16_rows.cpp); `amx`: AMX B tiles
+    [N/16, K/4, 64], rows in two int8 levels (amx_linear.cpp)."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, kernel, layout: str = "panels"
+    ) -> None:
         super().__init__()
+        if layout not in INT8_LAYOUTS:
+            raise ValueError(f"unknown int8 layout {layout!r}; choose one of {', '.join(INT8_LAYOUTS)}")
         self.out_features, self.in_features = weight.shape
         qw, scales = quantize_weight(weight)
-        self.tiles = tiles  # AMX B tiles [N/16, K/4, 64], else FMA panels [N/16, K, 16]
-        self.panels = (kernel.pack_panels_amx if tiles else kernel.pack_panels)(qw.contiguous())
+        self.layout = layout
+        pack = {
+            "panels": kernel.pack_panels,
+            "pairs": kernel.pack_panels_pairs,
+            "amx": kernel.pack_panels_amx,
+        }
+        self.panels = pack[layout](qw.contiguous())
         self.scales = scales.contiguous()
         self.bias = bias.detach().clone() if bias is not None else None
         self.packed_bytes = self.panels.numel() + self.scales.numel() * 4  # what a step reads
+
+    @property
+    def tiles(self) -> bool:
+        return self.layout == "amx"
 
     @property
     def kernel(self):  # looked up, not held: a model holding it stays deep-copyable
         return native_module()
 
     @classmethod
-    def of(cls, linear: nn.Linear, kernel, tiles: bool = False) -> NativeInt8Linear:
-        return cls(linear.weight, linear.bias, kernel, tiles)
+    def of(cls, linear: nn.Linear, kernel, layout: str = "panels") -> NativeInt8Linear:
+        return cls(linear.weight, linear.bias, kernel, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -135,39 +154,45 @@ class NativeInt8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        kind = "amx" if self.tiles else "native"
+        kind = {"panels": "native", "pairs": "bf16 rows", "amx": "amx"}[self.layout]
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, {kind}"
 
 
-def native_int8_error(param: torch.Tensor, kernel, tiles: bool = False) -> str | None:
-    """None if `NativeInt8Linear` (on AMX tiles if `tiles`) runs for this model and agrees with
-    the dequantized product."""
+def native_int8_error(param: torch.Tensor, kernel, layout: str = "panels") -> str | None:
+    """None if `NativeInt8Linear` in `layout` runs for this model and agrees with the
+    dequantized product (of bfloat16-rounded rows for `pairs`)."""
     if kernel is None:
         return "the native kernels are not loaded"
     if param.device.type != "cpu" or param.dtype != torch.float32:
         return f"a float32 CPU path (model is {param.dtype} on {param.device.type})"
-    if tiles and not kernel.amx_available():
+    if layout == "amx" and not kernel.amx_available():
         return "this CPU (or its OS) grants no AMX int8 tiles"
+    if layout == "pairs" and not kernel.bf16_rows_available():
+        return "this CPU (or this build) has no AVX512_BF16 for bfloat16 rows"
     try:
         w = torch.linspace(-1, 1, 40 * 24).reshape(40, 24)
         x = torch.linspace(-1, 1, 7 * 24).reshape(7, 24)
-        layer = NativeInt8Linear(w, None, kernel, tiles)
+        layer = NativeInt8Linear(w, None, kernel, layout)
         qw, scales = quantize_weight(w)
-        err = (layer(x) - x @ (qw.float() * scales[:, None]).T).abs().max().item()
+        rows = x.bfloat16().float() if layout == "pairs" else x
+        err = (layer(x) - rows @ (qw.float() * scales[:, None]).T).abs().max().item()
     except (RuntimeError, TypeError) as exc:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     return None if err < 1e-3 else f"native int8 result is off by {err:.2g}"
 
 
-def int8_tiles(param: torch.Tensor, kernel, linear_kernel: str = "auto") -> bool:
-    """Whether int8 layers go on AMX tiles: where `auto` finds them, or `amx` asks (an error
-    where they cannot run); never for other `linear_kernel` choices."""
-    if linear_kernel not in ("auto", "amx"):
-        return False
-    problem = native_int8_error(param, kernel, tiles=True)
-    if problem is not None and linear_kernel == "amx":
-        raise ModelLoadError(f"linear_kernel amx is unavailable: {problem}")
-    return problem is None
+def int8_layout(param: torch.Tensor, kernel, linear_kernel: str = "auto") -> str:
+    """The layout int8 layers take: `auto` finds AMX tiles, else bfloat16 rows, else the FMA
+    panels; `amx` and `bf16` insist (an error where they cannot run); any other `linear_kernel`
+    keeps the panels (float32 rows)."""
+    asked = {"amx": ("amx",), "bf16": ("pairs",), "auto": ("amx", "pairs")}.get(linear_kernel, ())
+    for layout in asked:
+        problem = native_int8_error(param, kernel, layout)
+        if problem is None:
+            return layout
+        if linear_kernel != "auto":
+            raise ModelLoadError(f"linear_kernel {linear_kernel} is unavailable: {problem}")
+    return "panels"
 
 
 def int8_kernel_error(device: torch.device) -> str | None:
@@ -190,21 +215,21 @@ def _eligible(module: nn.Module, skip: set[int], native: bool) -> bool:
 
 
 def quantize_model(
-    model: nn.Module, quantization: str | None, *, lm_head: bool = True, kernel=None, tiles: bool = False
+    model: nn.Module, quantization: str | None, *, lm_head: bool = True, kernel=None, layout: str = "panels"
 ) -> int:
     """Swap the model's `nn.Linear` layers for `Int8Linear` in place; returns how many.
 
     `lm_head=True` also quantizes the output projection. When it is tied to the input
     embeddings (SmolLM2), the layer gets its own int8 copy and the embedding table stays as is.
     A layer whose input width the kernel cannot take is left in full precision. `kernel` (the
-    native module) makes the layers `NativeInt8Linear` where it runs for this model, on AMX
-    tiles if `tiles` (the caller's choice, checked with `native_int8_error`).
+    native module) makes the layers `NativeInt8Linear` where it runs for this model, in `layout`
+    (the caller's choice: `int8_layout`).
     """
     if parse_quantization(quantization) is None:
         return 0
     param = next(model.parameters())
     device = param.device
-    native = kernel is not None and native_int8_error(param, kernel, tiles) is None
+    native = kernel is not None and native_int8_error(param, kernel, layout) is None
     problem = None if native else int8_kernel_error(device)
     if problem is not None:
         log.warning("int8 weights unavailable on %s (%s); serving the unquantized model", device, problem)
@@ -215,7 +240,9 @@ def quantize_model(
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, NativeInt8Linear.of(linear, kernel, tiles) if native else Int8Linear.of(linear))
+        setattr(
+            parent, attr, NativeInt8Linear.of(linear, kernel, layout) if native else Int8Linear.of(linear)
+        )
     if not targets:
         log.warning("int8: the model has no nn.Linear layers the kernel can take; nothing quantized")
     return len(targets)

@@ -32,6 +32,7 @@ LINEAR_KERNELS = (
     "onednn",
     "native",
     "amx",
+    "bf16",
 )  # EngineConfig.linear_kernel (apar_worker/packed_linear.py)
 
 

@@ -27,18 +27,19 @@ import torch
 from bench.common import load_prompts
 
 
-def _engine(model: str, quantization: str | None, lm_head: bool):
+def _engine(model: str, quantization: str | None, lm_head: bool, linear_kernel: str = "auto"):
     """An engine on `model`, quantized here so that the lm_head choice can be measured too: on
-    the layers the engine serves int8 with (native panels, AMX tiles where the CPU has them)."""
+    the layers the engine serves int8 with under `linear_kernel` (auto: AMX tiles, else
+    bfloat16 rows, else the FMA panels; native: the panels)."""
     from apar_worker.engine import Engine, EngineConfig
     from apar_worker.model_runner import load_model_and_tokenizer
     from apar_worker.native import native_module
-    from apar_worker.quantization import int8_tiles, quantize_model
+    from apar_worker.quantization import int8_layout, quantize_model
 
     hf_model, tokenizer = load_model_and_tokenizer(model, torch.device("cpu"), torch.float32)
     kernel = native_module()
-    tiles = int8_tiles(next(hf_model.parameters()), kernel)
-    quantize_model(hf_model, quantization, lm_head=lm_head, kernel=kernel, tiles=tiles)
+    layout = int8_layout(next(hf_model.parameters()), kernel, linear_kernel)
+    quantize_model(hf_model, quantization, lm_head=lm_head, kernel=kernel, layout=layout)
     return Engine.from_model(hf_model, tokenizer, EngineConfig(model=model, max_model_len=2048))
 
 
@@ -68,10 +69,12 @@ def _forced(engine, prompts, outs: list[list[int]]) -> tuple[int, int]:
     return same, total
 
 
-def measure(model: str, num_prompts: int, max_tokens: int, lm_head: bool = True) -> dict[str, Any]:
+def measure(
+    model: str, num_prompts: int, max_tokens: int, lm_head: bool = True, linear_kernel: str = "auto"
+) -> dict[str, Any]:
     prompts = load_prompts(None, limit=num_prompts)
     ref = _generate(_engine(model, None, True), prompts, max_tokens)
-    int8 = _engine(model, "int8", lm_head)
+    int8 = _engine(model, "int8", lm_head, linear_kernel)
     got = _generate(int8, prompts, max_tokens)
     aligned = sum(sum(a == b for a, b in zip(r, g, strict=False)) for r, g in zip(ref, got, strict=True))
     prefix = 0
@@ -84,6 +87,7 @@ def measure(model: str, num_prompts: int, max_tokens: int, lm_head: bool = True)
         "prompts": len(prompts),
         "max_tokens": max_tokens,
         "lm_head_int8": lm_head,
+        "int8_layout": next((m.layout for m in int8.runner.model.modules() if hasattr(m, "layout")), "torch"),
         "aligned": aligned / total,
         "prefix": prefix / total,
         "forced": same / forced_total,
@@ -166,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--branches", type=int, default=1, help="steps: branches per request")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fp32-lm-head", action="store_true", help="agreement: keep the output projection fp32")
+    p.add_argument(
+        "--linear-kernel", default="auto", help="agreement: int8 layers' kernel (auto, native, amx, bf16)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.check == "layers":
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         return 0
-    res = measure(args.model, args.prompts, args.max_tokens, lm_head=not args.fp32_lm_head)
+    res = measure(args.model, args.prompts, args.max_tokens, not args.fp32_lm_head, args.linear_kernel)
     print(json.dumps(res, indent=2))
     return 0
 

@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             modes.append(_mode(path, None, True, args, gbs))  # the reference path, same run
         if args.quantization == "int8":
             modes.append(_mode(path, "int8", False, args, gbs))
-            if modes[-1]["linear_kernel"] == "amx":  # and the FMA kernel's int8, same run
+            if modes[-1]["linear_kernel"] in ("amx", "bf16"):  # and int8 with float32 rows, same run
                 modes.append(_mode(path, "int8", False, args, gbs, kernel="native"))
         if served["linear_kernel"] == "native" and _amx():  # float32 on AMX tiles (opt-in), same run
             modes.append(_mode(path, None, False, args, gbs, kernel="amx"))
@@ -297,7 +297,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _weights_name(mode: dict) -> str:
     weights = "fp32" if mode["quantization"] == "none" else mode["quantization"]
-    names = {"onednn": "oneDNN-packed linears", "native": "C++ linears", "amx": "C++ linears on AMX tiles"}
+    names = {
+        "onednn": "oneDNN-packed linears",
+        "native": "C++ linears",
+        "amx": "C++ linears on AMX tiles",
+        "bf16": "C++ linears, bf16 rows",
+    }
     parts = [names[mode["linear_kernel"]]] if mode.get("linear_kernel") in names else []
     parts += ["C++ attention"] if mode.get("attention") == "native" else []
     return f"{weights} ({', '.join(parts) or 'plain torch ops'})"

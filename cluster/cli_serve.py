@@ -87,8 +87,8 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
         choices=LINEAR_KERNELS,
         default=None,
         help="linear layers of the worker engines: auto packs float32 CPU weights for the C++ kernel (else oneDNN) "
-        "and int8 ones as AMX tiles where the CPU has them; native: no AMX; amx: float32 (bf16 hi+lo) and int8 "
-        "on AMX tiles; plain: no packing",
+        "and int8 ones as AMX tiles, else with bfloat16 rows (AVX512_BF16); native: int8 with float32 rows; "
+        "amx: float32 (bf16 hi+lo) and int8 on AMX tiles; bf16: int8 with bfloat16 rows; plain: no packing",
     )
     p.add_argument(
         "--speculative-config",

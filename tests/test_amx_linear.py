@@ -46,7 +46,7 @@ def test_amx_int8_is_the_dequantized_product_whatever_the_rows(bias, rows, shape
     torch.manual_seed(rows)
     out_features, in_features = shape
     lin = nn.Linear(in_features, out_features, bias=bias)
-    amx, fma = q.NativeInt8Linear.of(lin, KERNEL, tiles=True), q.NativeInt8Linear.of(lin, KERNEL)
+    amx, fma = q.NativeInt8Linear.of(lin, KERNEL, layout="amx"), q.NativeInt8Linear.of(lin, KERNEL)
     qw, scales = q.quantize_weight(lin.weight)
     x = torch.randn(rows, in_features) * torch.logspace(-2, 1, rows)[:, None]  # rows of unlike sizes
     want = x @ (qw.float() * scales[:, None]).T + (lin.bias.detach() if bias else 0)
@@ -60,7 +60,7 @@ def test_amx_int8_is_the_dequantized_product_whatever_the_rows(bias, rows, shape
 
 @needs_amx
 def test_amx_refuses_rows_of_another_width():
-    layer = q.NativeInt8Linear.of(nn.Linear(64, 32), KERNEL, tiles=True)
+    layer = q.NativeInt8Linear.of(nn.Linear(64, 32), KERNEL, layout="amx")
     with pytest.raises(RuntimeError, match="panels and rows disagree"):
         KERNEL.skinny_linear(torch.randn(2, 200), layer.panels, 32, None, layer.scales)
 

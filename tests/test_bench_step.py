@@ -31,10 +31,11 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
     assert "1-token step / bandwidth floor:" in text and "\nint8 (" in text
     data = json.loads(out.read_text())
     assert data["benchmark"] == "step" and data["bandwidth_gbs"] > 0
-    amx = data["modes"][2]["linear_kernel"] == "amx"  # then the FMA panels' int8 and fp32 on AMX too
-    assert [m["quantization"] for m in data["modes"]] == ["none", "none", "int8"] + ["int8", "none"] * amx
+    served = data["modes"][2]["linear_kernel"]  # amx: then float32 rows' int8 and fp32 on AMX too
+    more = {"amx": ["int8", "none"], "bf16": ["int8"]}.get(served, [])  # bf16: then float32 rows' int8
+    assert [m["quantization"] for m in data["modes"]] == ["none", "none", "int8", *more]
     kernels = [m["linear_kernel"] for m in data["modes"][2:]]
-    assert kernels == (["amx", "native", "amx"] if amx else ["native"])
+    assert kernels == {"amx": ["amx", "native", "amx"], "bf16": ["bf16", "native"]}.get(served, ["native"])
     assert [m["linear_kernel"] for m in data["modes"][:2]] == ["native", "plain"]
     assert data["modes"][1]["attention"] == "torch"
     assert "fp32 (C++ linears, C++ attention)" in text and "fp32 (plain torch ops) weights:" in text

@@ -17,6 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_panels", &pack_panels, "a float32 or int8 [N, K] weight as [N/16, K, 16] panels");
   m.def("amx_available", &amx_available, "whether this CPU and kernel grant AMX int8 tiles (amx_linear.cpp)");
   m.def("pack_panels_amx", &pack_panels_amx, "an int8 (float32) [N, K] weight as AMX int8 (bfloat16 hi/lo) B tiles");
+  m.def("bf16_rows_available", &bf16_rows_available, "whether int8 layers may take bfloat16 rows (AVX512_BF16)");
+  m.def("pack_panels_pairs", &pack_panels_pairs, "an int8 [N, K] weight as [N/16, K/2, 32] k-pair panels");
   m.def("skinny_linear", &skinny_linear, "x [M, K] times packed panels (x scales if int8), + bias (CPU)",
         py::arg("x"), py::arg("panels"), py::arg("n"), py::arg("bias") = py::none(), py::arg("scales") = py::none(),
         nogil());

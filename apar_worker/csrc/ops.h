@@ -23,6 +23,10 @@ at::Tensor pack_panels_amx(const at::Tensor& weight);
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, const float* bias,
                       const float* scales);
 at::Tensor amx_float_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, const float* bias);
+bool bf16_rows_available();
+at::Tensor pack_panels_pairs(const at::Tensor& weight);
+at::Tensor bf16_rows_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n, const float* bias,
+                            const float* scales);
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t n,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales);
 at::Tensor decoder_layer(at::Tensor& x, const c10::optional<at::Tensor>& delta, const std::vector<at::Tensor>& w,

@@ -228,9 +228,11 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t 
     return amx_float_linear(x.contiguous(), panels.contiguous(), n, b.defined() ? b.data_ptr<float>() : nullptr);
   }
   const bool int8 = panels.scalar_type() == at::kChar, amx = panels.dim() == 3 && panels.size(2) == 4 * P;
-  TORCH_CHECK(panels.dim() == 3 && (panels.size(2) == P || (int8 && amx)) && panels.is_contiguous(),
+  const bool pairs = int8 && panels.dim() == 3 && panels.size(2) == 2 * P;  // bf16 rows (bf16_rows.cpp)
+  TORCH_CHECK(panels.dim() == 3 && (panels.size(2) == P || (int8 && (amx || pairs))) && panels.is_contiguous(),
               "skinny_linear: bad panels");
-  TORCH_CHECK((amx || panels.size(1) == x.size(1)) && panels.size(0) * P >= n, "skinny_linear: shapes disagree");
+  TORCH_CHECK((amx || pairs || panels.size(1) == x.size(1)) && panels.size(0) * P >= n,
+              "skinny_linear: shapes disagree");
   TORCH_CHECK(int8 || panels.scalar_type() == at::kFloat, "skinny_linear: panels must be float32 or int8");
   auto xc = x.contiguous();
   const int64_t m = xc.size(0), k = xc.size(1), np = (n + P - 1) / P;
@@ -248,6 +250,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t 
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   if (amx) return amx_linear(xc, panels, n, bp, sp);  // int8 as AMX B tiles (amx_linear.cpp)
+  if (pairs) return bf16_rows_linear(xc, panels, n, bp, sp);
   auto out = at::empty({m, n}, xc.options());
   float* yp = out.data_ptr<float>();
   const int want = m <= MB ? group_for(m) : 1;  // panels per register block
