@@ -63,6 +63,38 @@ def test_the_prefix_kernel_equals_softmax_attention_over_the_shared_blocks(token
 
 
 @needs_kernel
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+@pytest.mark.parametrize("heads", [9, 6])
+def test_both_kernels_equal_softmax_attention_at_every_head_size_and_length(d, heads):
+    """Lengths on and off the 16-key groups and 64-key chunks of the vector cores; 3 or 2
+    query heads per KV head (whole and partial passes of the p . v loop)."""
+    torch.manual_seed(d + heads)
+    kv_heads, bs, nb = 3, 16, 48
+    kc, vc = torch.randn(kv_heads, nb, bs, d), torch.randn(kv_heads, nb, bs, d)
+    perm = torch.randperm(nb).tolist()
+    keys = [1, 16, 17, 63, 64, 65, 200]
+    tables = [perm[: -(-n // bs)] for n in keys]
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    q = torch.randn(len(keys), heads, d)
+    out, lse = KERNEL.paged_decode(q, kc, vc, padded, torch.tensor(keys), d**-0.5)
+    rep = heads // kv_heads
+    for i, (table, n) in enumerate(zip(tables, keys, strict=True)):
+        k = kc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
+        v = vc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
+        ref_o, ref_l = attend_math(q[i][:, None], k, v, None, d**-0.5)
+        torch.testing.assert_close(out[i], ref_o[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[i], ref_l[:, 0], atol=1e-5, rtol=1e-5)
+    n = 161  # the prefix kernel: 5 query tokens over shared blocks
+    po, pl = KERNEL.paged_prefix(q[:5], kc, vc, torch.tensor(perm[:11]), n, d**-0.5)
+    k = kc[:, perm[:11]].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
+    v = vc[:, perm[:11]].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
+    ref_o, ref_l = attend_math(q[:5].transpose(0, 1), k, v, None, d**-0.5)
+    torch.testing.assert_close(po, ref_o.transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pl, ref_l.T, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
 def test_the_native_merge_equals_the_torch_merge_in_place():
     torch.manual_seed(3)
     out, lse = torch.randn(6, 4, 8), torch.randn(6, 4)

@@ -16,17 +16,14 @@
 #include <limits>
 #include <vector>
 
+#include "attend512.h"
 #include "vec_math.h"
 
 namespace {
 
 constexpr int64_t PREFIX_CHUNK = 4;  // query tokens per work item in paged_prefix
 
-struct Cache {
-  const float* k;  // one KV head's [NB, BS, D]
-  const float* v;
-  int64_t nb, bs, d;
-};
+using apar_attn::Cache;
 
 #if defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t TCH = 64;  // keys per chunk: a chunk's K or V (64 x D floats) stays in L1
@@ -180,6 +177,15 @@ void attend_scalar(const float* const* qs, float* const* os, float* const* ls, i
 // writes os[r] (d floats) and *ls[r] (the log-sum-exp of the scaled scores).
 void attend(const float* const* qs, float* const* os, float* const* ls, int64_t nq, const int64_t* row,
             int64_t len, const Cache& c, float sc, std::vector<float>& scores, std::vector<float>& acc) {
+#if defined(__AVX512F__)
+  switch (c.d) {
+    case 16: return apar_attn::attend512<1>(qs, os, ls, nq, row, len, c, sc, scores, acc);
+    case 32: return apar_attn::attend512<2>(qs, os, ls, nq, row, len, c, sc, scores, acc);
+    case 64: return apar_attn::attend512<4>(qs, os, ls, nq, row, len, c, sc, scores, acc);
+    case 128: return apar_attn::attend512<8>(qs, os, ls, nq, row, len, c, sc, scores, acc);
+    default: break;
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   switch (c.d) {
     case 16: return attend_vec<2>(qs, os, ls, nq, row, len, c, sc, scores, acc);
