@@ -29,11 +29,19 @@ LogitsHook = Callable[[Rows, torch.Tensor], "torch.Tensor | None"]
 
 
 class TokenApplier:
-    def __init__(self, rules: AparRules, kv: KVManager, speculator: Speculator, hook: LogitsHook | None):
+    def __init__(
+        self,
+        rules: AparRules,
+        kv: KVManager,
+        speculator: Speculator,
+        hook: LogitsHook | None,
+        argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.rules = rules
         self.kv = kv
         self.speculator = speculator
         self.hook = hook
+        self.argmax = argmax  # greedy rows' argmax (sampling.sample): the native kernel's, or None
 
     def apply(
         self, rows: Rows, first_row: list[int], drafts: list[list[int]], logits: torch.Tensor, results: list
@@ -86,6 +94,7 @@ class TokenApplier:
             [s.request.sampling for s, _ in rows],
             [br.tokens for _, br in rows],
             [br.generator for _, br in rows],
+            self.argmax,
         )
 
 

@@ -142,7 +142,8 @@ class Engine:
         self.rules = AparRules(ids, self.max_model_len, self.kv, self._init_branch)
         self.speculator = Speculator.build(config.speculative, ids.child, model, model_dir, proposers)
         self.runner.keep_hidden = self.speculator.wants_hidden
-        self.applier = TokenApplier(self.rules, self.kv, self.speculator, logits_hook)
+        argmax = getattr(native, "argmax_rows", None)  # greedy rows on the native kernel where it runs
+        self.applier = TokenApplier(self.rules, self.kv, self.speculator, logits_hook, argmax)
         self.requests: dict[str, RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
         self.num_steps = 0

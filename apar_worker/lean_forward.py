@@ -23,6 +23,7 @@ from apar_worker.packed_linear import NativeLinear
 from apar_worker.quantization import NativeInt8Linear
 
 SUPPORTED = ("llama", "qwen2")
+ROPE_TABLE_MAX = 16384  # positions whose cos/sin LeanForward keeps (SmolLM2: 8192 x 64 x 2 floats, 4 MB)
 
 
 def lean_error(model: nn.Module, kernel) -> str | None:
@@ -98,6 +99,7 @@ class LeanForward:
             self.fused[id(mlp)] = Fused.of([mlp.gate_proj, mlp.up_proj])
         # all-decode steps run each layer as one C++ call where every linear is native panels
         self.layer_weights = self._layer_weights()
+        self.rope = self._rope_table()
         self.native_steps = 0  # steps that ran the C++ layers (tests, profiles)
 
     def _layer_weights(self) -> list[list[torch.Tensor]] | None:
@@ -118,6 +120,28 @@ class LeanForward:
         self.dims = [cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, cfg.intermediate_size]
         self.eps, self.scale = self.body.layers[0].input_layernorm.variance_epsilon, attn.scaling
         return out
+
+    def _rope_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin [P, D] of the first positions, from the model's own rotary module, once:
+        per step HF's computes them with torch.cos/sin, whose MKL kernels open an OpenMP region
+        even for a few rows, and its threads then spin beside the kernels' pool. None for rotary
+        types that change with the sequence length (dynamic)."""
+        rot = self.body.rotary_emb
+        if "dynamic" in str(getattr(rot, "rope_type", "default")):
+            return None
+        n = min(int(getattr(self.model.config, "max_position_embeddings", 0) or 0), ROPE_TABLE_MAX)
+        if n <= 0:
+            return None
+        probe = torch.empty(1, 1, dtype=torch.float32)  # its dtype and device are what rotary reads
+        with torch.no_grad():
+            cos, sin = rot(probe, position_ids=torch.arange(n)[None])
+        return cos[0].contiguous(), sin[0].contiguous()
+
+    def _cos_sin(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope is not None and int(pos.max()) < self.rope[0].shape[0]:
+            return self.rope[0].index_select(0, pos), self.rope[1].index_select(0, pos)
+        cos, sin = self.body.rotary_emb(x[None], position_ids=pos[None])
+        return cos[0].contiguous(), sin[0].contiguous()  # [T, D], once per step
 
     def _plan(self, t: int) -> tuple | None:
         """decoder_layer's attention arguments for this step, or None unless every query token
@@ -141,8 +165,7 @@ class LeanForward:
         """The final-normed hidden states [T, H] of flat token ids [T] at positions [T]."""
         k, body = self.kernel, self.body
         x = body.embed_tokens(ids)  # [T, H]; the residual stream, updated in place
-        cos, sin = body.rotary_emb(x[None], position_ids=pos[None])
-        cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [T, D], once per step
+        cos, sin = self._cos_sin(x, pos)
         delta = None
         plan = self._plan(x.shape[0])
         if plan is not None:

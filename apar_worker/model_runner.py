@@ -145,7 +145,7 @@ class ModelRunner:
                 out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep)
                 return out.logits[0].float()
             # the causal LM's forward, split where the output embedding reads the hidden states
-            rows = self._hidden(ids, pos)[keep]
+            rows = self._hidden(ids, pos).index_select(0, keep)  # serial: `[keep]` opened an OpenMP region
             if self.keep_hidden:
                 self.last_hidden = rows
             return self.model.get_output_embeddings()(rows).float()

@@ -8,6 +8,8 @@ made in (speculative drafts let one branch run ahead of another).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from apar_worker.types import SamplingParams
@@ -57,9 +59,14 @@ def sample(
     params: list[SamplingParams],
     histories: list[list[int]],
     generators: list[torch.Generator | None],
+    argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[int]:
-    """logits: [n, vocab] (float32, banned tokens already at -inf) -> one token id per row."""
+    """logits: [n, vocab] (float32, banned tokens already at -inf) -> one token id per row.
+    `argmax`: the native kernels' row argmax for an all-greedy step on CPU (same ids as
+    torch's), else torch's."""
     if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
+        if argmax is not None and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return argmax(logits).tolist()
         return logits.argmax(dim=-1).tolist()
     out: list[int] = []
     for i, p in enumerate(params):

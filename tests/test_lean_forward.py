@@ -127,3 +127,20 @@ def test_models_it_cannot_run_keep_hf_forward():
     assert out[0].num_tokens == 4
     assert lean_error(make_model("llama"), None) == "the native kernels are not loaded"
     assert "float32 CPU path" in lean_error(make_model("llama").to(torch.bfloat16), KERNEL)
+
+
+def test_the_rotary_table_is_the_model_s_own_rotary_and_far_positions_still_run():
+    from apar_worker.lean_forward import LeanForward
+
+    model = make_model("llama")
+    lean = LeanForward(model, KERNEL)
+    table = lean.rope[0].shape[0]
+    assert table == min(model.config.max_position_embeddings, 16384)
+    x = torch.zeros(3, model.config.hidden_size)
+    for pos in (torch.tensor([0, 5, table - 1]), torch.tensor([2, table, table + 7])):  # in it, past it
+        cos, sin = lean._cos_sin(x, pos)
+        want_cos, want_sin = model.model.rotary_emb(x[None], position_ids=pos[None])
+        torch.testing.assert_close(cos, want_cos[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(sin, want_sin[0], atol=1e-6, rtol=1e-6)
+    model.model.rotary_emb.rope_type = "dynamic"  # changes with the length: never tabled
+    assert LeanForward(model, KERNEL).rope is None

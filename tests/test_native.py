@@ -199,3 +199,22 @@ def test_the_kernel_builds_wherever_a_compiler_and_ninja_are():
         assert hasattr(KERNEL, "paged_decode") and hasattr(KERNEL, "skinny_linear")
     else:
         assert KERNEL is None
+
+
+@needs_kernel
+def test_the_native_argmax_is_torch_s_on_ties_nans_infinities_and_strided_rows():
+    torch.manual_seed(4)
+    for shape in [(1, 1), (3, 17), (16, 49152), (2, 33)]:
+        x = torch.randn(*shape)
+        assert torch.equal(KERNEL.argmax_rows(x), x.argmax(-1))
+    x = torch.randn(6, 100)
+    x[1, 37] = x[1, 80] = float("nan")  # the first NaN wins
+    x[2] = -float("inf")  # all -inf: the first
+    x[3, 5] = x[3, 60] = 50.0  # a tie: the first
+    x[4, 0] = float("nan")
+    x[5, 99] = float("nan")  # in the scalar tail
+    assert torch.equal(KERNEL.argmax_rows(x), x.argmax(-1))
+    rows = torch.randn(20, 49152)[2:18]  # rows of a larger matrix
+    assert torch.equal(KERNEL.argmax_rows(rows), rows.argmax(-1))
+    with pytest.raises(RuntimeError, match="float32"):
+        KERNEL.argmax_rows(torch.randn(2, 8).double())

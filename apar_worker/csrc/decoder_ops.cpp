@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include "spin_pool.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "vec_math.h"
@@ -103,6 +104,42 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
       }
 #endif
       for (; i < n; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// The index of each row's largest value, as torch.argmax(dim=-1) (the first one; a NaN counts
+// as largest): logits [N, V] float32 -> [N] int64. torch's own ran ~1 ms for 16 x 49152 rows
+// on 2 vCPUs, about 6 % of an int8 step, and its OpenMP threads then spun beside the kernels' pool.
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "argmax_rows: logits must be [N, V], V > 0");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.stride(1) == 1, "argmax_rows: float32 rows");
+  const int64_t n = logits.size(0), v = logits.size(1), ld = logits.stride(0);
+  auto out = at::empty({n}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  apar::parallel_range(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const float* x = lp + row * ld;
+      float best = x[0];
+      bool any_nan = best != best;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      __m512 m = _mm512_set1_ps(best);
+      __mmask16 bad = 0;
+      for (; i + 16 <= v; i += 16) {
+        const __m512 y = _mm512_loadu_ps(x + i);
+        m = _mm512_max_ps(m, y);
+        bad |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+      }
+      best = _mm512_reduce_max_ps(m);
+      any_nan |= bad != 0;
+#endif
+      for (; i < v; ++i) best = x[i] > best ? x[i] : best, any_nan |= x[i] != x[i];
+      int64_t at = 0;  // the first position of the largest value (or of the first NaN)
+      while (at < v && !(any_nan ? x[at] != x[at] : x[at] == best)) ++at;
+      op[row] = at;
     }
   });
   return out;

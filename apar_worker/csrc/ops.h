@@ -17,6 +17,7 @@ at::Tensor add_rms_norm_(at::Tensor& residual, const c10::optional<at::Tensor>& 
                          double eps);
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+at::Tensor argmax_rows(const at::Tensor& logits);
 at::Tensor pack_panels(const at::Tensor& weight);
 bool amx_available();
 at::Tensor pack_panels_amx(const at::Tensor& weight);
