@@ -59,3 +59,19 @@ def make_model(family: str, seed: int = 0, max_len: int = 1024):
             if p.dim() > 1:
                 p.normal_(0, 0.2)
     return model.eval()
+
+
+def assert_greedy_is_hf_generate(engine, seed: int = 4, prompt_len: int = 11, max_tokens: int = 12) -> None:
+    """The engine's greedy output on one random prompt is transformers' greedy generate on the
+    engine's own (quantized, packed) model, and every KV block is back afterwards."""
+    from apar_worker.types import GenerateRequest, SamplingParams
+
+    model = engine.runner.model
+    prompt = torch.randint(3, VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+    req = GenerateRequest(prompt_token_ids=prompt, fork=False, sampling=SamplingParams(max_tokens=max_tokens))
+    got = list(engine.generate([req])[0].branches[0].token_ids)
+    model.set_attn_implementation("eager")
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    assert got == hf[0, len(prompt) :].tolist()
+    stats = engine.stats()
+    assert stats.free_blocks == stats.total_blocks

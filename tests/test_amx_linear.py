@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_utils import make_model, make_tokenizer
+from engine_utils import assert_greedy_is_hf_generate, make_model, make_tokenizer
 from torch import nn
 
 from apar_worker import quantization as q
@@ -71,14 +71,7 @@ def test_engine_puts_int8_on_amx_under_auto_and_its_greedy_output_is_its_models(
     assert engine.linear_kernel == "amx"
     model = engine.runner.model
     assert model.model.layers[0].mlp.up_proj.tiles and model.lm_head.tiles
-    prompt = torch.randint(3, 256, (11,), generator=torch.Generator().manual_seed(4)).tolist()
-    req = GenerateRequest(prompt_token_ids=prompt, fork=False, sampling=SamplingParams(max_tokens=12))
-    got = list(engine.generate([req])[0].branches[0].token_ids)
-    model.set_attn_implementation("eager")
-    hf = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert got == hf[0, len(prompt) :].tolist()
-    stats = engine.stats()
-    assert stats.free_blocks == stats.total_blocks
+    assert_greedy_is_hf_generate(engine)
 
 
 @needs_kernel

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_utils import make_model, make_tokenizer
+from engine_utils import assert_greedy_is_hf_generate, make_model, make_tokenizer
 from torch import nn
 
 from apar_worker import quantization as q
 from apar_worker.engine import Engine, EngineConfig
 from apar_worker.native import native_module
-from apar_worker.types import GenerateRequest, ModelLoadError, SamplingParams
+from apar_worker.types import ModelLoadError
 
 KERNEL = native_module()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler or ninja on this machine")
@@ -68,14 +68,7 @@ def test_engine_gives_int8_bf16_rows_where_auto_finds_no_amx_and_decodes_like_it
     assert engine.linear_kernel == "bf16"
     model = engine.runner.model
     assert model.model.layers[0].mlp.up_proj.layout == "pairs" and model.lm_head.layout == "pairs"
-    prompt = torch.randint(3, 256, (11,), generator=torch.Generator().manual_seed(4)).tolist()
-    req = GenerateRequest(prompt_token_ids=prompt, fork=False, sampling=SamplingParams(max_tokens=12))
-    got = list(engine.generate([req])[0].branches[0].token_ids)
-    model.set_attn_implementation("eager")
-    hf = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert got == hf[0, len(prompt) :].tolist()
-    stats = engine.stats()
-    assert stats.free_blocks == stats.total_blocks
+    assert_greedy_is_hf_generate(engine)
     assert _engine("native").runner.model.lm_head.layout == "panels"  # the float32-row path stays
 
 

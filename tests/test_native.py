@@ -21,6 +21,33 @@ KERNEL = native.native_module()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler or ninja on this machine")
 
 
+def _check_decode(q, kc, vc, tables: list[list[int]], keys: list[int]) -> None:
+    """paged_decode over each row's blocks equals softmax attention over the same keys."""
+    kv_heads, d = kc.shape[0], kc.shape[-1]
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    out, lse = KERNEL.paged_decode(q, kc, vc, padded, torch.tensor(keys), d**-0.5)
+    rep = q.shape[1] // kv_heads
+    for i, (table, n) in enumerate(zip(tables, keys, strict=True)):
+        k = kc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
+        v = vc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
+        ref_o, ref_l = attend_math(q[i][:, None], k, v, None, d**-0.5)
+        torch.testing.assert_close(out[i], ref_o[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[i], ref_l[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def _check_prefix(q, kc, vc, blocks: list[int], keys: int) -> None:
+    """paged_prefix of every query token over shared blocks equals softmax attention over them."""
+    kv_heads, d = kc.shape[0], kc.shape[-1]
+    out, lse = KERNEL.paged_prefix(q, kc, vc, torch.tensor(blocks), keys, d**-0.5)
+    rep = q.shape[1] // kv_heads
+    k = kc[:, blocks].reshape(kv_heads, -1, d)[:, :keys].repeat_interleave(rep, 0)
+    v = vc[:, blocks].reshape(kv_heads, -1, d)[:, :keys].repeat_interleave(rep, 0)
+    ref_o, ref_l = attend_math(q.transpose(0, 1), k, v, None, d**-0.5)  # [H, M, D], [H, M]
+    torch.testing.assert_close(out, ref_o.transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_l.T, atol=1e-5, rtol=1e-5)
+
+
 @needs_kernel
 @pytest.mark.parametrize("kv_heads,heads", [(2, 6), (3, 3)])
 def test_the_kernel_equals_softmax_attention_over_the_same_blocks(kv_heads, heads):
@@ -30,16 +57,7 @@ def test_the_kernel_equals_softmax_attention_over_the_same_blocks(kv_heads, head
     tables = [[3, 7, 1, 9, 20], [0, 1], [39], [5, 6, 7, 8, 9]]
     keys = [19, 5, 1, 20]
     q = torch.randn(len(keys), heads, d)
-    width = max(map(len, tables))
-    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    out, lse = KERNEL.paged_decode(q, kc, vc, padded, torch.tensor(keys), d**-0.5)
-    rep = heads // kv_heads
-    for i, (table, n) in enumerate(zip(tables, keys, strict=True)):
-        k = kc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
-        v = vc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
-        ref_o, ref_l = attend_math(q[i][:, None], k, v, None, d**-0.5)
-        torch.testing.assert_close(out[i], ref_o[:, 0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(lse[i], ref_l[:, 0], atol=1e-5, rtol=1e-5)
+    _check_decode(q, kc, vc, tables, keys)
 
 
 @needs_kernel
@@ -50,12 +68,7 @@ def test_the_prefix_kernel_equals_softmax_attention_over_the_shared_blocks(token
     kc, vc = torch.randn(kv_heads, nb, bs, d), torch.randn(kv_heads, nb, bs, d)
     blocks, keys = [4, 17, 2, 9], 15  # not consecutive, the last block partly used
     q = torch.randn(tokens, heads, d)
-    out, lse = KERNEL.paged_prefix(q, kc, vc, torch.tensor(blocks), keys, d**-0.5)
-    k = kc[:, blocks].reshape(kv_heads, -1, d)[:, :keys].repeat_interleave(3, 0)
-    v = vc[:, blocks].reshape(kv_heads, -1, d)[:, :keys].repeat_interleave(3, 0)
-    ref_o, ref_l = attend_math(q.transpose(0, 1), k, v, None, d**-0.5)  # [H, M, D], [H, M]
-    torch.testing.assert_close(out, ref_o.transpose(0, 1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, ref_l.T, atol=1e-5, rtol=1e-5)
+    _check_prefix(q, kc, vc, blocks, keys)
     with pytest.raises(RuntimeError, match="key count"):
         KERNEL.paged_prefix(q, kc, vc, torch.tensor(blocks), 17, d**-0.5)
     with pytest.raises(RuntimeError, match="block id"):
@@ -74,24 +87,9 @@ def test_both_kernels_equal_softmax_attention_at_every_head_size_and_length(d, h
     perm = torch.randperm(nb).tolist()
     keys = [1, 16, 17, 63, 64, 65, 200]
     tables = [perm[: -(-n // bs)] for n in keys]
-    width = max(map(len, tables))
-    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     q = torch.randn(len(keys), heads, d)
-    out, lse = KERNEL.paged_decode(q, kc, vc, padded, torch.tensor(keys), d**-0.5)
-    rep = heads // kv_heads
-    for i, (table, n) in enumerate(zip(tables, keys, strict=True)):
-        k = kc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
-        v = vc[:, table].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
-        ref_o, ref_l = attend_math(q[i][:, None], k, v, None, d**-0.5)
-        torch.testing.assert_close(out[i], ref_o[:, 0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(lse[i], ref_l[:, 0], atol=1e-5, rtol=1e-5)
-    n = 161  # the prefix kernel: 5 query tokens over shared blocks
-    po, pl = KERNEL.paged_prefix(q[:5], kc, vc, torch.tensor(perm[:11]), n, d**-0.5)
-    k = kc[:, perm[:11]].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
-    v = vc[:, perm[:11]].reshape(kv_heads, -1, d)[:, :n].repeat_interleave(rep, 0)
-    ref_o, ref_l = attend_math(q[:5].transpose(0, 1), k, v, None, d**-0.5)
-    torch.testing.assert_close(po, ref_o.transpose(0, 1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pl, ref_l.T, atol=1e-5, rtol=1e-5)
+    _check_decode(q, kc, vc, tables, keys)
+    _check_prefix(q[:5], kc, vc, perm[:11], 161)  # the prefix kernel: 5 query tokens, shared blocks
 
 
 @needs_kernel
