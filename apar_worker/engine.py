@@ -93,9 +93,8 @@ def _prepare_linears(model, config: EngineConfig, owned: bool) -> str:
     native_int8 = int8 and config.native_kernels and linear_kernel != "plain"
     kernel = native_module() if native_int8 else None  # looked up (built on first use) only if used
     layout = int8_layout(next(model.parameters()), kernel, linear_kernel) if int8 else "panels"
-    on_native = quantize_model(model, config.quantization, kernel=kernel, layout=layout) > 0 and any(
-        isinstance(m, NativeInt8Linear) for m in model.modules()
-    )
+    quantize_model(model, config.quantization, kernel=kernel, layout=layout)
+    on_native = any(isinstance(m, NativeInt8Linear) for m in model.modules())
     chosen = pack_model(model, config.linear_kernel, owned=owned, native_ok=config.native_kernels)
     return {"amx": "amx", "pairs": "bf16"}.get(layout, "native") if on_native else chosen
 

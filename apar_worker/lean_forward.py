@@ -23,6 +23,7 @@ from apar_worker.packed_linear import NativeLinear
 from apar_worker.quantization import NativeInt8Linear
 
 SUPPORTED = ("llama", "qwen2")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary types that depend on the position alone
 ROPE_TABLE_MAX = 16384  # positions whose cos/sin LeanForward keeps (SmolLM2: 8192 x 64 x 2 floats, 4 MB)
 
 
@@ -125,9 +126,10 @@ class LeanForward:
         """cos and sin [P, D] of the first positions, from the model's own rotary module, once:
         per step HF's computes them with torch.cos/sin, whose MKL kernels open an OpenMP region
         even for a few rows, and its threads then spin beside the kernels' pool. None for rotary
-        types that change with the sequence length (dynamic)."""
+        types that change with the sequence length (dynamic, longrope: transformers' own
+        `dynamic_rope_update`)."""
         rot = self.body.rotary_emb
-        if "dynamic" in str(getattr(rot, "rope_type", "default")):
+        if getattr(rot, "rope_type", "default") not in STATIC_ROPE:
             return None
         n = min(int(getattr(self.model.config, "max_position_embeddings", 0) or 0), ROPE_TABLE_MAX)
         if n <= 0:

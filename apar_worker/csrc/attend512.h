@@ -15,6 +15,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__SSE__) || defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace apar_attn {
 
 struct Cache {
@@ -22,6 +26,18 @@ struct Cache {
   const float* v;
   int64_t nb, bs, d;
 };
+
+constexpr int64_t AHEAD = 16;  // keys ahead whose block's first lines are fetched early
+
+// The first lines of a block: hardware prefetchers stop at 4 KB pages, so every block (one
+// page per KV head with 16 keys of 64 floats) would start on cold misses.
+inline void lead(const float* at) {
+#if defined(__SSE__) || defined(__x86_64__)
+  for (int x = 0; x < 4; ++x) _mm_prefetch(reinterpret_cast<const char*>(at) + 64 * x, _MM_HINT_T0);
+#else
+  (void)at;
+#endif
+}
 
 }  // namespace apar_attn
 
@@ -35,11 +51,6 @@ struct Cache {
 namespace apar_attn {
 
 constexpr int64_t CHUNK = 64;  // keys per chunk: a chunk's K or V (64 x D floats) stays in L1
-constexpr int64_t AHEAD = 16;  // keys ahead whose block's first lines are fetched early
-
-inline void lead512(const float* at) {
-  for (int x = 0; x < 4; ++x) _mm_prefetch(reinterpret_cast<const char*>(at) + 64 * x, _MM_HINT_T0);
-}
 
 // 16 vectors of partial sums -> one vector of their 16 totals (a[j]'s total in lane j)
 inline __m512 reduce16(__m512* a) {
@@ -89,7 +100,7 @@ inline void pv(const float* const* p, float* const* acc, const float* v, const i
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < D16; ++c) a[r][c] = _mm512_loadu_ps(acc[r] + 16 * c);
   for (int64_t t = t0; t < t1; ++t) {
-    if (t % bs == 0 && t + AHEAD < len) lead512(v + off[t + AHEAD]);
+    if (t % bs == 0 && t + AHEAD < len) lead(v + off[t + AHEAD]);
     const float* vv = v + off[t];
     __m512 row[D16];
     for (int c = 0; c < D16; ++c) row[c] = _mm512_loadu_ps(vv + 16 * c);
@@ -127,7 +138,7 @@ void attend512(const float* const* qs, float* const* os, float* const* ls, int64
       for (int x = 0; x < D16; ++x) q[x] = _mm512_loadu_ps(qs[r] + 16 * x);
       float* sr = scores.data() + r * padded;
       for (int64_t t = t0; t < t1; t += 16) {
-        if (r == 0 && t + AHEAD < len) lead512(c.k + off[t + AHEAD]);
+        if (r == 0 && t + AHEAD < len) lead(c.k + off[t + AHEAD]);
         _mm512_storeu_ps(sr + t, _mm512_mul_ps(dot16<D16>(q, c.k, off.data() + t), scv));
       }
     }

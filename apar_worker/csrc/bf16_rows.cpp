@@ -29,6 +29,14 @@ constexpr int64_t P = 16;  // output columns per panel
 constexpr int64_t PAIR = 2 * P;  // int8 weights per k pair of a panel
 
 #if APAR_BF16_ROWS
+// float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN), as VCVTNE2PS2BF16 does
+inline uint16_t to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
 constexpr int MB = 16;  // rows per register block (16 accumulators)
 constexpr int group_for(int64_t rows) { return rows <= 4 ? 4 : rows <= 8 ? 2 : 1; }
 
@@ -104,14 +112,6 @@ void panels_times_rows(const uint32_t* x, int64_t m, int64_t pairs, const int8_t
   }
 }
 #endif
-
-// float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN), as VCVTNE2PS2BF16 does
-inline uint16_t to_bf16(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 
 }  // namespace
 

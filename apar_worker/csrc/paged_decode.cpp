@@ -23,17 +23,12 @@ namespace {
 
 constexpr int64_t PREFIX_CHUNK = 4;  // query tokens per work item in paged_prefix
 
+using apar_attn::AHEAD;
 using apar_attn::Cache;
+using apar_attn::lead;
 
 #if defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t TCH = 64;  // keys per chunk: a chunk's K or V (64 x D floats) stays in L1
-constexpr int64_t AHEAD = 16;  // keys ahead whose block's first lines are fetched early
-
-// The first lines of a block: hardware prefetchers stop at 4 KB pages, so every block (one
-// page per KV head with 16 keys of 64 floats) would start on cold misses.
-inline void lead(const float* at) {
-  for (int x = 0; x < 4; ++x) _mm_prefetch(reinterpret_cast<const char*>(at) + 64 * x, _MM_HINT_T0);
-}
 
 // Eight dot products q . k[j] (DC * 8 floats each), as one vector of eight sums.
 template <int DC>
