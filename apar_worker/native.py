@@ -33,6 +33,7 @@ SOURCES = [
         "bf16_rows.cpp",
         "decoder_ops.cpp",
         "lean_layer.cpp",
+        "peak.cpp",
     )
 ]
 

@@ -37,41 +37,9 @@ from bench.common import (
     torch_threads,
     write_json,
 )
+from bench.step_floor import bandwidth_gbs, peak_gflops, row_floor, step_cost_model, weight_bytes
 
 BRANCHES = (1, 8)
-
-
-def bandwidth_gbs(mb: int) -> float:
-    """Memory bandwidth (GB/s, read + write) of the best of 5 copies of an `mb`-MiB tensor."""
-    import torch
-
-    src = torch.ones(mb * 2**18)  # fp32: 4 bytes each
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() * 4 / best / 1e9
-
-
-def weight_bytes(model) -> int:
-    """Bytes a 1-token step reads: every parameter and buffer once, but not the input embedding
-    table (a step reads only its rows) unless the output projection is that same table, nor
-    int8 layers' bf16 copies (read by steps of many rows instead of the int8 weights)."""
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    head_weight = getattr(head, "weight", None)
-    buffers = [b for name, b in model.named_buffers() if not name.endswith("weight_bf16")]
-    seen: dict[int, int] = {}
-    for t in [*model.parameters(), *buffers]:
-        if t is embed and head_weight is not embed:
-            continue
-        seen[t.data_ptr()] = t.numel() * t.element_size()
-    packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # oneDNN layers' weights
-    if head_weight is not None and getattr(head, "packed_bytes", 0):
-        packed -= head.packed_bytes  # the head reads its packed copy, counted already as `weight`
-    return sum(seen.values()) + packed
 
 
 @contextlib.contextmanager
@@ -237,7 +205,18 @@ def _mode(
     if engine.kv.num_free != engine.kv.num_blocks:
         raise BenchError("KV blocks leaked after the step benchmark")
     floor = wbytes / (gbs * 1e9) * 1000
+    from apar_worker.native import native_module
+
+    cost = step_cost_model(
+        engine.runner.model.config, args.context, engine.runner.kv_cache.data.element_size()
+    )
+    # AMX tiles outrun the FMA chains measured: no compute floor for them (the read bounds them)
+    native = native_module() if engine.linear_kernel != "amx" else None
+    gflops = peak_gflops(native, bf16=engine.linear_kernel == "bf16")
+    for r in rows:
+        r.update(row_floor(cost, wbytes, r["tokens"], r["requests"], args.context, gbs, gflops))
     return {
+        "peak_gflops": gflops,
         "quantization": quantization or "none",
         "linear_kernel": engine.linear_kernel,
         "attention": "native" if engine.runner.native is not None else "torch",
@@ -255,7 +234,17 @@ def ratios(mode: dict) -> dict[str, Any]:
         for b in BRANCHES
         if one
     }
-    return {"over_1_token": per_t, "one_token_over_floor": one / mode["floor_ms"] if one else None}
+    floor_one = next((r["floor_ms"] for r in mode["rows"] if r["tokens"] == 1 and r["branches"] == 1), None)
+    floors = {  # what the floors allow: the least T-token / 1-token ratio on this machine
+        str(b): {str(r["tokens"]): r["floor_ms"] / floor_one for r in mode["rows"] if r["branches"] == b}
+        for b in BRANCHES
+        if floor_one
+    }
+    return {
+        "over_1_token": per_t,
+        "one_token_over_floor": one / mode["floor_ms"] if one else None,
+        "floor_over_1_token_floor": floors,
+    }
 
 
 def _amx() -> bool:
@@ -316,24 +305,30 @@ def print_report(result: dict[str, Any]) -> None:
     )
     hf = {r["tokens"]: r["ms"] for r in result["transformers"]}
     for mode in result["modes"]:
-        by = {(r["branches"], r["tokens"]): r["ms"] for r in mode["rows"]}
+        by_row = {(r["branches"], r["tokens"]): r for r in mode["rows"]}
+        by = {key: r["ms"] for key, r in by_row.items()}
         over = mode["ratios"]["over_1_token"]
         rows = []
         for t in s["tokens"]:
             cells: list[Any] = [t]
             for b in BRANCHES:
                 cells += [by.get((b, t)), over.get(str(b), {}).get(str(t))]
-            rows.append([*cells, hf.get(t)])
-        heads = ["T", "1 br/req ms", "x 1-tok", "8 br/req ms", "x 1-tok", "transformers ms"]
+            rows.append([*cells, by_row[(8, t)]["floor_ms"] if (8, t) in by_row else None, hf.get(t)])
+        heads = ["T", "1 br/req ms", "x 1-tok", "8 br/req ms", "x 1-tok", "floor 8 br/req", "transformers ms"]
         print(
             f"\n{_weights_name(mode)} weights: {mode['weight_bytes'] / 1e6:.1f} MB, "
-            f"bandwidth floor {mode['floor_ms']:.1f} ms"
+            f"bandwidth floor {mode['floor_ms']:.1f} ms; vector peak {mode['peak_gflops']:.0f} GFLOP/s"
         )
         print(table(heads, rows))
+        least = mode["ratios"]["floor_over_1_token_floor"]
         for b in BRANCHES:
             for t in (16, max(s["tokens"])):
                 if str(t) in over.get(str(b), {}):
-                    print(f"{t}-token step / 1-token step ({b} br/req): {over[str(b)][str(t)]:.2f}")
+                    row = by_row[(b, t)]
+                    print(
+                        f"{t}-token step / 1-token step ({b} br/req): {over[str(b)][str(t)]:.2f} "
+                        f"(floors allow {least[str(b)][str(t)]:.2f}: {row['floor_ms']:.1f} ms, {row['bound']}-bound)"
+                    )
                     break
         print(f"1-token step / bandwidth floor: {fmt(mode['ratios']['one_token_over_floor'])}")
 

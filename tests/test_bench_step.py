@@ -29,6 +29,7 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
     assert "16-token step / 1-token step (1 br/req):" in text
     assert "16-token step / 1-token step (8 br/req):" in text
     assert "1-token step / bandwidth floor:" in text and "\nint8 (" in text
+    assert "floors allow" in text and "GFLOP/s" in text
     data = json.loads(out.read_text())
     assert data["benchmark"] == "step" and data["bandwidth_gbs"] > 0
     served = data["modes"][2]["linear_kernel"]  # amx: then float32 rows' int8 and fp32 on AMX too
@@ -47,6 +48,14 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
         assert all(r["ms"] > 0 for r in mode["rows"])
         assert mode["ratios"]["over_1_token"]["1"]["1"] == pytest.approx(1.0)
         assert mode["ratios"]["one_token_over_floor"] > 0
+        for r in mode["rows"]:  # the floor is the longer of the read and the arithmetic
+            assert r["floor_ms"] == max(r["memory_ms"], r["compute_ms"]) > 0
+            assert r["bound"] == ("compute" if r["compute_ms"] > r["memory_ms"] else "memory")
+        if mode["linear_kernel"] != "amx" and mode["peak_gflops"] > 0:
+            assert got[(1, 16)]["compute_ms"] == pytest.approx(16 * got[(1, 1)]["compute_ms"])
+        assert got[(1, 16)]["memory_ms"] > got[(8, 16)]["memory_ms"]  # siblings read their prompt once
+        floors = mode["ratios"]["floor_over_1_token_floor"]
+        assert floors["1"]["1"] == pytest.approx(1.0) and floors["8"]["16"] >= 1.0
     fp32, plain, int8 = data["modes"][:3]
     assert fp32["weight_bytes"] == plain["weight_bytes"]  # packing moves the weights, it adds none
     assert int8["weight_bytes"] < fp32["weight_bytes"] / 2  # int8 weights (lm_head an int8 copy)
@@ -62,3 +71,30 @@ def test_bench_step_errors_are_one_line_exit_2(tiny_model, capsys):
     assert "does not fit the model" in err
     with pytest.raises(SystemExit):
         apar(["bench", "step", "--tokens", "0,2"])
+
+
+def test_step_floor_counts_smollm2s_flops_and_kv_bytes():
+    """SmolLM2-135M: 30 layers of 576 / 1536 with 9 query and 3 KV heads of 64, 49152 words."""
+    from types import SimpleNamespace
+
+    from bench.step_floor import row_floor, step_cost_model
+
+    config = SimpleNamespace(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+    )
+    cost = step_cost_model(config, context=512, kv_bytes=4)
+    linear = 30 * (576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536) + 49152 * 576
+    assert cost["flops"] == pytest.approx(2 * linear + 4 * 30 * 576 * 512)
+    assert cost["kv_token_bytes"] == 30 * 2 * 192 * 4
+    one = row_floor(cost, 540_000_000, tokens=1, requests=1, context=512, gbs=30.0, gflops=230.0)
+    assert one["bound"] == "memory" and one["compute_ms"] < one["memory_ms"]
+    sixteen = row_floor(cost, 540_000_000, tokens=16, requests=2, context=512, gbs=30.0, gflops=230.0)
+    assert sixteen["bound"] == "compute" and sixteen["floor_ms"] == pytest.approx(16 * one["compute_ms"])
+    assert step_cost_model(SimpleNamespace(hidden_size=8), 16, 4) is None  # not a Llama-style config
+    assert row_floor(None, 1000, 4, 1, 16, 1.0, 100.0)["compute_ms"] == 0.0

@@ -216,3 +216,20 @@ def test_the_native_argmax_is_torch_s_on_ties_nans_infinities_and_strided_rows()
     assert torch.equal(KERNEL.argmax_rows(rows), rows.argmax(-1))
     with pytest.raises(RuntimeError, match="float32"):
         KERNEL.argmax_rows(torch.randn(2, 8).double())
+
+
+@needs_kernel
+def test_the_vector_peak_scales_with_threads_and_bf16_doubles_the_rate():
+    """peak.cpp: chains in registers on every torch thread; VDPBF16PS does 2 multiply-adds a lane."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = KERNEL.fma_peak_gflops(False)
+        bf16 = KERNEL.fma_peak_gflops(True)
+    finally:
+        torch.set_num_threads(before)
+    assert one > 1.0  # even a slow core does a GFLOP/s of vector FMAs
+    if KERNEL.bf16_rows_available():
+        assert bf16 > 1.4 * one
+    else:
+        assert bf16 == 0.0  # no such instruction in this build: no bf16 figure

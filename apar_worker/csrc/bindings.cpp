@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place, half-split layout (CPU, float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up (CPU, float32)");
   m.def("argmax_rows", &argmax_rows, "each row's first largest value's index, as torch.argmax(-1) (CPU, float32)");
+  m.def("fma_peak_gflops", &fma_peak_gflops, "GFLOP/s of FMA (bf16: VDPBF16PS) chains on every torch thread (peak.cpp)",
+        nogil());
   m.def("pack_panels", &pack_panels, "a float32 or int8 [N, K] weight as [N/16, K, 16] panels");
   m.def("amx_available", &amx_available, "whether this CPU and kernel grant AMX int8 tiles (amx_linear.cpp)");
   m.def("pack_panels_amx", &pack_panels_amx, "an int8 (float32) [N, K] weight as AMX int8 (bfloat16 hi/lo) B tiles");

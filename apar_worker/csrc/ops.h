@@ -36,3 +36,4 @@ at::Tensor decoder_layer(at::Tensor& x, const c10::optional<at::Tensor>& delta, 
                          const c10::optional<at::Tensor>& tok, const at::Tensor& tables, const at::Tensor& nkeys,
                          const std::vector<at::Tensor>& groups, const std::vector<int64_t>& group_keys,
                          double scale);
+double fma_peak_gflops(bool bf16);

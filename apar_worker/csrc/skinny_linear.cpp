@@ -14,6 +14,7 @@
 #include "spin_pool.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -37,19 +38,21 @@ constexpr int MB = 6;
 // bytes) took 112 us (2 vCPUs, AVX-512)
 inline void prefetch(const void* at) {
 #if defined(__AVX2__) || defined(__AVX512F__)
-  _mm_prefetch(static_cast<const char*>(at), _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(at), _MM_HINT_T1);
 #else
   (void)at;
 #endif
 }
 
-// y = acc * scale + bias per column; scale is int8's per-channel factor (nullptr: float weights)
+// y = acc * scale + bias per column; scale is int8's per-channel factor (nullptr: float weights).
+// One explicit fused multiply-add: left to -ffp-contract, each row count's inlined copy could
+// round it its own way, and a row's result would depend on its step's rows
 template <int R>
 inline void store(const float* acc, float* y, int64_t ldy, int64_t cols, const float* scale,
                   const float* bias) {
   for (int r = 0; r < R; ++r)
     for (int64_t c = 0; c < cols; ++c)
-      y[r * ldy + c] = acc[r * P + c] * (scale ? scale[c] : 1.0f) + (bias ? bias[c] : 0.0f);
+      y[r * ldy + c] = std::fma(acc[r * P + c], scale ? scale[c] : 1.0f, bias ? bias[c] : 0.0f);
 }
 
 // A block multiplies R rows with C consecutive panels (they lie k_dim * P apart), so a step of
@@ -68,7 +71,7 @@ inline __m512 load16(const int8_t* w) {
 
 // Per lane the same fused multiply-adds in the same k order as the AVX2 block: same floats.
 template <typename W, int R, int C>
-inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y, int64_t ldy,
+inline void block(const float* x, const W* w, int64_t k_dim, float* y, int64_t ldy,
                   int64_t cols, const float* scale, const float* bias, const W* pf) {
   __m512 acc[C][R];
 #pragma GCC unroll 16
@@ -81,7 +84,7 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float*
     for (int c = 0; c < C; ++c) wv[c] = load16(w + c * k_dim * P + k * P);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
+      const __m512 xb = _mm512_set1_ps(x[k * R + r]);
       for (int c = 0; c < C; ++c) acc[c][r] = _mm512_fmadd_ps(wv[c], xb, acc[c][r]);
     }
   }
@@ -108,7 +111,7 @@ inline void load16(const int8_t* w, __m256& w0, __m256& w1) {
 }
 
 template <typename W, int R, int C>
-inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y, int64_t ldy,
+inline void block(const float* x, const W* w, int64_t k_dim, float* y, int64_t ldy,
                   int64_t cols, const float* scale, const float* bias, const W* pf) {
   __m256 lo[C][R], hi[C][R];
 #pragma GCC unroll 8
@@ -121,7 +124,7 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float*
     for (int c = 0; c < C; ++c) load16(w + c * k_dim * P + k * P, w0[c], w1[c]);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+      const __m256 xb = _mm256_broadcast_ss(x + k * R + r);
       for (int c = 0; c < C; ++c) {
         lo[c][r] = _mm256_fmadd_ps(w0[c], xb, lo[c][r]);
         hi[c][r] = _mm256_fmadd_ps(w1[c], xb, hi[c][r]);
@@ -142,14 +145,14 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float*
 constexpr int group_for(int64_t) { return 1; }
 
 template <typename W, int R, int C>
-inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y, int64_t ldy,
+inline void block(const float* x, const W* w, int64_t k_dim, float* y, int64_t ldy,
                   int64_t cols, const float* scale, const float* bias, const W* pf) {
   (void)pf;
   static_assert(C == 1, "the portable block takes one panel");
   float acc[R * P] = {};
   for (int64_t k = 0; k < k_dim; ++k)
     for (int r = 0; r < R; ++r)
-      for (int64_t c = 0; c < P; ++c) acc[r * P + c] += static_cast<float>(w[k * P + c]) * x[r * ldx + k];
+      for (int64_t c = 0; c < P; ++c) acc[r * P + c] += static_cast<float>(w[k * P + c]) * x[k * R + r];
   store<R>(acc, y, ldy, cols, scale, bias);
 }
 #endif
@@ -157,35 +160,54 @@ inline void block(const float* x, int64_t ldx, const W* w, int64_t k_dim, float*
 // block<W, rows, C> for a run-time row count in [1, MB] over `group` consecutive panels: one
 // block of group_for(rows) panels where that is the group, else one panel at a time
 template <typename W, int R = 1>
-inline void block_of(int64_t rows, int group, const float* x, int64_t ldx, const W* w, int64_t k_dim, float* y,
+inline void block_of(int64_t rows, int group, const float* x, const W* w, int64_t k_dim, float* y,
                      int64_t ldy, int64_t cols, const float* scale, const float* bias, const W* pf) {
   if constexpr (R < MB) {
-    if (rows > R) return block_of<W, R + 1>(rows, group, x, ldx, w, k_dim, y, ldy, cols, scale, bias, pf);
+    if (rows > R) return block_of<W, R + 1>(rows, group, x, w, k_dim, y, ldy, cols, scale, bias, pf);
   }
   constexpr int G = group_for(R);
-  if (G > 1 && group == G) return block<W, R, G>(x, ldx, w, k_dim, y, ldy, cols, scale, bias, pf);
+  if (G > 1 && group == G) return block<W, R, G>(x, w, k_dim, y, ldy, cols, scale, bias, pf);
   for (int c = 0; c < group; ++c) {
     const int64_t off = c * k_dim * P;
-    block<W, R, 1>(x, ldx, w + off, k_dim, y + c * P, ldy, c + 1 < group ? P : cols, scale ? scale + c * P : nullptr,
+    block<W, R, 1>(x, w + off, k_dim, y + c * P, ldy, c + 1 < group ? P : cols, scale ? scale + c * P : nullptr,
                    bias ? bias + c * P : nullptr, pf ? pf + off : nullptr);
   }
 }
 
-// `group` consecutive panels (group_for(m_dim) or 1; cols: the last one's columns) times m_dim rows
-template <typename W>
-void panel(const float* x, int64_t m_dim, int64_t k_dim, const W* w, float* y, int64_t n_dim, int group,
-           int64_t cols, const float* scale, const float* bias, const W* pf) {
-  // rows split evenly over the fewest blocks of at most MB (AVX2, 16 rows: 6 + 5 + 5, not 6 + 6 +
-  // 4): a block of R rows keeps R (AVX-512) or 2R (AVX2) FMA chains in flight, and fewer than
-  // ~8-10 leave the FMA units idle
+// f(m0, rows) for each block of rows: m_dim split evenly over the fewest blocks of at most MB
+// (AVX2, 16 rows: 6 + 5 + 5, not 6 + 6 + 4): a block of R rows keeps R (AVX-512) or 2R (AVX2)
+// FMA chains in flight, and fewer than ~8-10 leave the FMA units idle
+template <typename F>
+inline void for_row_blocks(int64_t m_dim, const F& f) {
   const int64_t blocks = (m_dim + MB - 1) / MB;
   for (int64_t b = 0, m0 = 0; b < blocks; ++b) {
     const int64_t rows = (m_dim - m0) / (blocks - b);
-    const float* xs = x + m0 * k_dim;
-    float* ys = y + m0 * n_dim;
-    block_of<W>(rows, group, xs, k_dim, w, k_dim, ys, n_dim, cols, scale, bias, b == 0 ? pf : nullptr);
+    f(b, m0, rows);
     m0 += rows;
   }
+}
+
+// x [M, K] -> each row block k-major ([K, rows], at row m0 * K): a block's broadcasts for one k
+// then share a cache line, where 16 rows K floats apart spill L1 from K ~ 512 on (576 x 1536
+// at 16 rows ran at 77 GFLOPS, a third of the FMA peak of 2 Zen 4 cores)
+std::vector<float> pack_rows(const float* x, int64_t m_dim, int64_t k_dim) {
+  std::vector<float> xt(static_cast<size_t>(m_dim * k_dim));
+  for_row_blocks(m_dim, [&](int64_t, int64_t m0, int64_t rows) {
+    float* dst = xt.data() + m0 * k_dim;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < k_dim; ++k) dst[k * rows + r] = x[(m0 + r) * k_dim + k];
+  });
+  return xt;
+}
+
+// `group` consecutive panels (group_for(m_dim) or 1; cols: the last one's columns) times m_dim
+// rows packed by pack_rows
+template <typename W>
+void panel(const float* x, int64_t m_dim, int64_t k_dim, const W* w, float* y, int64_t n_dim, int group,
+           int64_t cols, const float* scale, const float* bias, const W* pf) {
+  for_row_blocks(m_dim, [&](int64_t b, int64_t m0, int64_t rows) {
+    block_of<W>(rows, group, x + m0 * k_dim, w, k_dim, y + m0 * n_dim, n_dim, cols, scale, bias, b == 0 ? pf : nullptr);
+  });
 }
 
 // int8 panels: one register block widens the weights as it goes; several blocks would widen
@@ -246,11 +268,12 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t 
     s = scales->contiguous();
     TORCH_CHECK(s.numel() == n && s.scalar_type() == at::kFloat, "skinny_linear: scales must be float32 [N]");
   }
-  const float* xp = xc.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   if (amx) return amx_linear(xc, panels, n, bp, sp);  // int8 as AMX B tiles (amx_linear.cpp)
   if (pairs) return bf16_rows_linear(xc, panels, n, bp, sp);
+  const std::vector<float> xt = pack_rows(xc.data_ptr<float>(), m, k);  // the panel kernels' row layout
+  const float* xp = xt.data();
   auto out = at::empty({m, n}, xc.options());
   float* yp = out.data_ptr<float>();
   const int want = m <= MB ? group_for(m) : 1;  // panels per register block
