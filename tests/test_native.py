@@ -76,6 +76,28 @@ def test_the_prefix_kernel_equals_softmax_attention_over_the_shared_blocks(token
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bs,keys", [(8, 300), (16, 512), (256, 256)])
+def test_long_contexts_split_over_threads_merge_to_softmax_attention(threads, bs, keys):
+    """One decode row (3 KV heads on 2 threads) splits its keys past 128 a split, each thread
+    a range, merged by log-sum-exp; 256 keys in one block of 256 leave the second split empty.
+    Two rows (6 items) do not split; the prefix kernel reads the same long context."""
+    torch.manual_seed(keys + bs)
+    nb = -(-keys // bs) + 3
+    kc, vc = torch.randn(3, nb, bs, 64), torch.randn(3, nb, bs, 64)
+    blocks = torch.randperm(nb)[: -(-keys // bs)].tolist()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for tokens in (1, 8, 11):
+            _check_prefix(torch.randn(tokens, 9, 64), kc, vc, blocks, keys)
+        _check_decode(torch.randn(1, 9, 64), kc, vc, [blocks], [keys])
+        _check_decode(torch.randn(2, 9, 64), kc, vc, [blocks, blocks[:1]], [keys, min(keys, bs) - 1])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
 @pytest.mark.parametrize("d", [16, 32, 64, 128])
 @pytest.mark.parametrize("heads", [9, 6])
 def test_both_kernels_equal_softmax_attention_at_every_head_size_and_length(d, heads):
@@ -233,3 +255,22 @@ def test_the_vector_peak_scales_with_threads_and_bf16_doubles_the_rate():
         assert bf16 > 1.4 * one
     else:
         assert bf16 == 0.0  # no such instruction in this build: no bf16 figure
+
+
+@needs_kernel
+def test_write_kv_puts_strided_rows_where_index_copy_does():
+    """decoder_layer's K/V write: k and v are column views of the fused qkv product."""
+    torch.manual_seed(5)
+    kv_heads, nb, bs, d, t = 3, 6, 4, 16, 5
+    qkv = torch.randn(t, 9 * d + 2 * kv_heads * d)
+    k = qkv[:, 9 * d : 9 * d + kv_heads * d].view(t, kv_heads, d)
+    v = qkv[:, 9 * d + kv_heads * d :].view(t, kv_heads, d)
+    slots = torch.tensor([3, 17, 0, 22, 9])
+    kc, vc = torch.randn(kv_heads, nb, bs, d), torch.randn(kv_heads, nb, bs, d)
+    want_k, want_v = kc.clone(), vc.clone()
+    want_k.view(kv_heads, nb * bs, d).index_copy_(1, slots, k.transpose(0, 1))
+    want_v.view(kv_heads, nb * bs, d).index_copy_(1, slots, v.transpose(0, 1))
+    KERNEL.write_kv_(kc, vc, slots, k, v)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        KERNEL.write_kv_(kc, vc, torch.tensor([0, 1, 2, 3, nb * bs]), k, v)

@@ -13,6 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_attention_", &merge_attention_, "merge attention over a disjoint key set into rows, in place");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += delta; RMSNorm(residual) * weight (CPU, float32)");
   m.def("rope_", &rope_, "rotary embedding in place, half-split layout (CPU, float32)");
+  m.def("write_kv_", &write_kv_, "K and V rows [T, KVH, D] into their cache slots (CPU, float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up (CPU, float32)");
   m.def("argmax_rows", &argmax_rows, "each row's first largest value's index, as torch.argmax(-1) (CPU, float32)");
   m.def("fma_peak_gflops", &fma_peak_gflops, "GFLOP/s of FMA (bf16: VDPBF16PS) chains on every torch thread (peak.cpp)",

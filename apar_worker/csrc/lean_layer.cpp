@@ -36,9 +36,7 @@ at::Tensor decoder_layer(at::Tensor& x, const c10::optional<at::Tensor>& delta, 
   const at::Tensor v = qkv.narrow(1, nq + nkv, nkv).view({t, kvh, d});
   rope_(q, cos, sin);
   rope_(k, cos, sin);
-  const int64_t slots_total = k_cache.size(1) * k_cache.size(2);
-  k_cache.view({kvh, slots_total, d}).index_copy_(1, slots, k.transpose(0, 1));
-  v_cache.view({kvh, slots_total, d}).index_copy_(1, slots, v.transpose(0, 1));
+  write_kv_(k_cache, v_cache, slots, k, v);
   const at::Tensor qn = tok.has_value() ? q.index_select(0, *tok) : q;
   auto res = paged_decode(qn, k_cache, v_cache, tables, nkeys, scale);
   at::Tensor o = res[0], lse = res[1];

@@ -16,6 +16,8 @@ void merge_attention_(at::Tensor& out, at::Tensor& lse, const at::Tensor& rows, 
 at::Tensor add_rms_norm_(at::Tensor& residual, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
                          double eps);
 void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+void write_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k,
+               const at::Tensor& v);
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor argmax_rows(const at::Tensor& logits);
 at::Tensor pack_panels(const at::Tensor& weight);

@@ -22,6 +22,16 @@
 namespace {
 
 constexpr int64_t PREFIX_CHUNK = 4;  // query tokens per work item in paged_prefix
+constexpr int64_t MIN_SPLIT_KEYS = 128;  // keys per split at least, where paged_decode splits a row's keys
+
+// One query vector's attention over a second, disjoint key set merged into the first, by their
+// log-sum-exps (dst, *dst_l <- the softmax over both)
+inline void merge_one(float* dst, float* dst_l, const float* add, float add_l, int64_t d) {
+  const float l1 = *dst_l, mx = std::max(l1, add_l);
+  const float w1 = std::exp(l1 - mx), w2 = std::exp(add_l - mx), inv = 1.f / (w1 + w2);
+  for (int64_t x = 0; x < d; ++x) dst[x] = (dst[x] * w1 + add[x] * w2) * inv;
+  *dst_l = mx + std::log(w1 + w2);
+}
 
 using apar_attn::AHEAD;
 using apar_attn::Cache;
@@ -193,6 +203,27 @@ void attend(const float* const* qs, float* const* os, float* const* ls, int64_t 
   attend_scalar(qs, os, ls, nq, row, len, c, sc, scores, acc);
 }
 
+// Parts 1..splits-1 of `count` query vectors (part s at op + s * count * d) merged into part 0;
+// an empty part (log-sum-exp -inf) weighs nothing
+void merge_splits(float* op, float* lp, int64_t splits, int64_t count, int64_t d) {
+  for (int64_t sp = 1; sp < splits; ++sp)
+    for (int64_t i = 0; i < count; ++i)
+      if (lp[sp * count + i] > -std::numeric_limits<float>::infinity())
+        merge_one(op + i * d, lp + i, op + (sp * count + i) * d, lp[sp * count + i], d);
+}
+
+// the query vectors of an empty split: no keys, weight 0
+void clear_part(const std::vector<float*>& os, const std::vector<float*>& ls, int64_t d) {
+  for (float* l : ls) *l = -std::numeric_limits<float>::infinity();
+  for (float* o : os) std::fill(o, o + d, 0.f);
+}
+
+// keys per split of `keys` over `splits` parts, a whole number of `bs`-key blocks
+int64_t split_span(int64_t keys, int64_t splits, int64_t bs) {
+  const int64_t span = (keys + splits - 1) / splits;
+  return (span + bs - 1) / bs * bs;
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "paged attention: bad ranks");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "float32 only");
@@ -221,31 +252,44 @@ std::vector<at::Tensor> paged_decode(
   auto nc = nkeys.contiguous();
   const int64_t n = qc.size(0), h = qc.size(1), d = qc.size(2);
   const int64_t kvh = k_cache.size(0), bs = k_cache.size(2), maxb = tc.size(1), rep = h / kvh;
-  auto out = at::empty({n, h, d}, qc.options());
-  auto lse = at::empty({n, h}, qc.options());
+  // few items for the threads (one row: 3 KV heads on 2 threads): each row's keys split too
+  const int64_t* np_ = nc.data_ptr<int64_t>();
+  const int64_t threads = std::max(1, at::get_num_threads());
+  int64_t longest = 0;
+  for (int64_t i = 0; i < n; ++i) longest = std::max(longest, np_[i]);
+  const int64_t splits =
+      n * kvh % threads != 0 && n * kvh < 4 * threads ? std::clamp<int64_t>(longest / MIN_SPLIT_KEYS, 1, threads) : 1;
+  const int64_t span_b = split_span(longest, splits, bs);
+  auto out = at::empty({splits, n, h, d}, qc.options());
+  auto lse = at::empty({splits, n, h}, qc.options());
   const float* qp = qc.data_ptr<float>();
   const int64_t* tp = tc.data_ptr<int64_t>();
-  const int64_t* np_ = nc.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
-  apar::parallel_range(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
+  apar::parallel_range(0, n * kvh * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc;
     std::vector<const float*> qs(rep);
     std::vector<float*> os(rep), ls(rep);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w / kvh, g = w % kvh, len = np_[i];
+      const int64_t sp = w % splits, i = w / splits / kvh, g = (w / splits) % kvh, len = np_[i];
       TORCH_CHECK(len >= 1 && len <= maxb * bs, "paged_decode: key count out of range");
       for (int64_t r = 0; r < rep; ++r) {
         const int64_t head = i * h + g * rep + r;
         qs[r] = qp + head * d;
-        os[r] = op + head * d;
-        ls[r] = lp + head;
+        os[r] = op + (sp * n * h + head) * d;
+        ls[r] = lp + sp * n * h + head;
       }
-      attend(qs.data(), os.data(), ls.data(), rep, tp + i * maxb, len, head_cache(k_cache, v_cache, g),
-             static_cast<float>(scale), scores, acc);
+      const int64_t k0 = sp * span_b, k1 = std::min(len, k0 + span_b);
+      if (k0 >= k1) {
+        clear_part(os, ls, d);
+        continue;
+      }
+      attend(qs.data(), os.data(), ls.data(), rep, tp + i * maxb + k0 / bs, k1 - k0,
+             head_cache(k_cache, v_cache, g), static_cast<float>(scale), scores, acc);
     }
   });
-  return {out, lse};
+  merge_splits(op, lp, splits, n * h, d);
+  return {out[0], lse[0]};
 }
 
 std::vector<at::Tensor> paged_prefix(
@@ -306,12 +350,7 @@ void merge_attention_(at::Tensor& out, at::Tensor& lse, const at::Tensor& rows, 
   for (int64_t i = 0; i < m; ++i) {
     TORCH_CHECK(rp[i] >= 0 && rp[i] < r, "merge: row out of range");
     for (int64_t j = 0; j < h; ++j) {
-      float* dst = op + (rp[i] * h + j) * d;
-      const float* add = src + (i * h + j) * d;
-      const float l1 = lp[rp[i] * h + j], l2 = sl[i * h + j], mx = std::max(l1, l2);
-      const float w1 = std::exp(l1 - mx), w2 = std::exp(l2 - mx), inv = 1.f / (w1 + w2);
-      for (int64_t x = 0; x < d; ++x) dst[x] = (dst[x] * w1 + add[x] * w2) * inv;
-      lp[rp[i] * h + j] = mx + std::log(w1 + w2);
+      merge_one(op + (rp[i] * h + j) * d, lp + rp[i] * h + j, src + (i * h + j) * d, sl[i * h + j], d);
     }
   }
 }
