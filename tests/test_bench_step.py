@@ -30,6 +30,7 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
     assert "16-token step / 1-token step (8 br/req):" in text
     assert "1-token step / bandwidth floor:" in text and "\nint8 (" in text
     assert "floors allow" in text and "GFLOP/s" in text
+    assert "host work (scheduling, metadata, sampling, rules) at 16 tokens, 8 br/req:" in text
     data = json.loads(out.read_text())
     assert data["benchmark"] == "step" and data["bandwidth_gbs"] > 0
     served = data["modes"][2]["linear_kernel"]  # amx: then float32 rows' int8 and fp32 on AMX too
@@ -48,6 +49,8 @@ def test_bench_step_end_to_end(tiny_model, tmp_path, capsys):
         assert all(r["ms"] > 0 for r in mode["rows"])
         assert mode["ratios"]["over_1_token"]["1"]["1"] == pytest.approx(1.0)
         assert mode["ratios"]["one_token_over_floor"] > 0
+        for r in mode["rows"]:  # host work is part of the step, not all of it
+            assert 0 < r["host_ms"] < r["ms"]
         for r in mode["rows"]:  # the floor is the longer of the read and the arithmetic
             assert r["floor_ms"] == max(r["memory_ms"], r["compute_ms"]) > 0
             assert r["bound"] == ("compute" if r["compute_ms"] > r["memory_ms"] else "memory")
