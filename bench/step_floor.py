@@ -106,4 +106,4 @@ def peak_gflops(native: Any | None, bf16: bool) -> float:
     """The vector peak of every torch thread (bf16: VDPBF16PS), or 0 without the kernels."""
     if native is None or not hasattr(native, "fma_peak_gflops"):
         return 0.0
-    return float(native.fma_peak_gflops(bf16)) or (float(native.fma_peak_gflops(False)) if bf16 else 0.0)
+    return float(native.fma_peak_gflops(bf16))

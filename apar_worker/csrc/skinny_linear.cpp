@@ -33,9 +33,9 @@ constexpr int MB = 16;
 constexpr int MB = 6;
 #endif
 
-// a cache line of the next panel, asked for while this one computes: the hardware prefetcher
-// alone left a 16-row fp32 product at 229 us for 1536 x 576 where int8 (a quarter of the
-// bytes) took 112 us (2 vCPUs, AVX-512)
+// a cache line of the next panel, asked for into L2 while this one computes: the hardware
+// prefetcher alone left a 16-row fp32 product at 229 us for 1536 x 576 where int8 (a quarter of
+// the bytes) took 112 us (2 vCPUs, AVX-512); into L1 it evicted the rows the block broadcasts
 inline void prefetch(const void* at) {
 #if defined(__AVX2__) || defined(__AVX512F__)
   _mm_prefetch(static_cast<const char*>(at), _MM_HINT_T1);
@@ -190,14 +190,16 @@ inline void for_row_blocks(int64_t m_dim, const F& f) {
 // x [M, K] -> each row block k-major ([K, rows], at row m0 * K): a block's broadcasts for one k
 // then share a cache line, where 16 rows K floats apart spill L1 from K ~ 512 on (576 x 1536
 // at 16 rows ran at 77 GFLOPS, a third of the FMA peak of 2 Zen 4 cores)
-std::vector<float> pack_rows(const float* x, int64_t m_dim, int64_t k_dim) {
-  std::vector<float> xt(static_cast<size_t>(m_dim * k_dim));
+// (into the calling thread's buffer, reused: 64 rows of 1536 floats would map fresh pages a call)
+const float* pack_rows(const float* x, int64_t m_dim, int64_t k_dim) {
+  thread_local std::vector<float> xt;
+  xt.resize(static_cast<size_t>(m_dim * k_dim));
   for_row_blocks(m_dim, [&](int64_t, int64_t m0, int64_t rows) {
     float* dst = xt.data() + m0 * k_dim;
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < k_dim; ++k) dst[k * rows + r] = x[(m0 + r) * k_dim + k];
   });
-  return xt;
+  return xt.data();
 }
 
 // `group` consecutive panels (group_for(m_dim) or 1; cols: the last one's columns) times m_dim
@@ -272,8 +274,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& panels, int64_t 
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   if (amx) return amx_linear(xc, panels, n, bp, sp);  // int8 as AMX B tiles (amx_linear.cpp)
   if (pairs) return bf16_rows_linear(xc, panels, n, bp, sp);
-  const std::vector<float> xt = pack_rows(xc.data_ptr<float>(), m, k);  // the panel kernels' row layout
-  const float* xp = xt.data();
+  const float* xp = pack_rows(xc.data_ptr<float>(), m, k);  // the panel kernels' row layout
   auto out = at::empty({m, n}, xc.options());
   float* yp = out.data_ptr<float>();
   const int want = m <= MB ? group_for(m) : 1;  // panels per register block
